@@ -1,0 +1,42 @@
+# hunter_attach: every target creates and uses the project's own virtualenv (.venv) and installs
+# what it needs, gdb included.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SOURCES := pyproject.toml setup.py hunter_attach/_tracer.c hunter_attach/inject/_helper.c
+
+.PHONY: help demo test lint bench stress soak asan clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+$(STAMP): $(SOURCES)
+	@command -v gdb >/dev/null 2>&1 || { echo "installing gdb"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gdb; }
+	@command -v cc >/dev/null 2>&1 || { echo "installing a C compiler"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## attach to a built-in demo target for a few seconds
+	$(PY) scripts/demo.py
+
+test: $(STAMP)  ## the test suite (what CI runs)
+	$(PY) -m pytest -q -ra
+	$(MAKE) lint
+
+lint: $(STAMP)  ## ruff and mypy
+	$(VENV)/bin/ruff check hunter_attach tests scripts
+	$(VENV)/bin/mypy hunter_attach
+
+bench: $(STAMP)  ## benchmarks; writes docs/bench.md
+	$(PY) scripts/bench.py
+
+stress: $(STAMP)  ## the long stress tests
+	$(PY) -m pytest -q -ra -m slow
+
+clean:  ## remove the virtualenv and build products
+	rm -rf $(VENV) build *.egg-info hunter_attach/*.so hunter_attach/inject/*.so

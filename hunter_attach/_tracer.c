@@ -1,0 +1,777 @@
+/* The in-target tracer: the hot path of hunter_attach.
+ *
+ * One C module serves two backends:
+ *   - settrace/profile (CPython 3.8-3.11): a C trace function installed on every thread;
+ *   - sys.monitoring (3.12+): C callables that the agent registers with sys.monitoring.
+ *
+ * Both feed the same pipeline: per-code decision cache -> residual predicate program ->
+ * binary EVENT record -> double buffer -> pump() writes RECORDS frames to the CLI's socket
+ * without holding the GIL. The record layout is protocol.py's; the program opcodes are
+ * docs/internals.md's. Everything Python-facing (which code matches, names, reprs) is decided
+ * by callbacks into the agent, once per code object or once per matched event.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <frameobject.h>
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#if PY_VERSION_HEX < 0x03090000
+static PyCodeObject *PyFrame_GetCode(PyFrameObject *f) { Py_INCREF(f->f_code); return f->f_code; }
+#endif
+#if PY_VERSION_HEX < 0x030A0000
+static inline PyObject *Py_NewRef(PyObject *o) { Py_INCREF(o); return o; }
+#endif
+#if PY_VERSION_HEX < 0x030C0000
+#define HA_SETTRACE 1
+#endif
+
+/* ---- protocol constants (protocol.py) ---------------------------------------------------- */
+enum { K_CALL = 0, K_LINE = 1, K_RETURN = 2, K_EXCEPTION = 3 };
+enum { REC_EVENT = 1, REC_DROP = 4 };
+enum { FRAME_RECORDS = 4 };
+#define EVENT_SIZE 28
+#define FLAG_ARG 1
+
+/* ---- program opcodes (docs/internals.md) ------------------------------------------------- */
+enum { OP_TRUE, OP_FALSE, OP_AND, OP_OR, OP_NOT, OP_KIND, OP_CMP, OP_IN, OP_PY };
+enum { F_DEPTH, F_LINENO, F_CALLS, F_THREADID };
+enum { C_EQ, C_NE, C_LT, C_LTE, C_GT, C_GTE };
+#define STACK_MAX 64
+
+/* ---- per-code decisions ------------------------------------------------------------------- */
+typedef struct {
+    PyObject *code;   /* strong reference: keeps the address from being reused this session */
+    uint32_t id;      /* interned id sent in CODE records; 0 = never matches */
+    uint32_t kinds;   /* bitmask of kinds that can match */
+    int64_t *prog;    /* NULL = every event of this code matches */
+    Py_ssize_t proglen;
+} entry_t;
+
+static entry_t *cache;
+static size_t cache_cap, cache_len;
+
+/* ---- global session state (guarded by the GIL) ------------------------------------------- */
+static PyObject *cb_decide, *cb_thread, *cb_fmt, *cb_pypred;
+static int active;            /* callbacks do nothing unless set */
+static uint64_t generation;   /* bumps every session; thread-local state compares against it */
+static struct timespec t0;
+static unsigned long main_ident;
+static PyObject *str_f_trace_lines;
+
+/* Per-thread state. A thread's first event of a session resets it (generation differs). */
+typedef struct {
+    uint64_t gen;
+    uint32_t thread_id;
+    int skip;
+    uint32_t depth;
+    uint64_t calls;
+    int64_t ident;  /* -1 for the main thread, as threadid=None compiles to -1 */
+} tstate_t;
+static __thread tstate_t T;
+
+/* ---- the double buffer ---------------------------------------------------------------------
+ * Producers (traced threads, holding the GIL) append to `fill`; pump() (no GIL) swaps it with
+ * `spare` under the mutex and writes `spare` to the socket. Memory is fixed: two buffers. */
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t data, space;
+    char *fill, *spare;
+    size_t cap, len;
+    int drop_mode;
+    int stop;          /* pump: flush and return */
+    int dead;          /* the consumer gave up: producers never wait again */
+    uint64_t seen, sent, dropped, pending_drop;
+    int64_t block_ns;  /* longest a producer may wait for space before the session is dead */
+} B = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)(ts.tv_sec - t0.tv_sec) * 1000000000LL + (ts.tv_nsec - t0.tv_nsec);
+}
+
+static void deadline_after(struct timespec *ts, int64_t ns) {
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += ns / 1000000000LL;
+    ts->tv_nsec += ns % 1000000000LL;
+    if (ts->tv_nsec >= 1000000000L) { ts->tv_sec++; ts->tv_nsec -= 1000000000L; }
+}
+
+static void put_u32(char *p, uint32_t v) { memcpy(p, &v, 4); }
+static void put_u64(char *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* Reserve n bytes in the fill buffer; returns the write position or NULL when the record must be
+ * dropped. Called with the GIL and B.mu held; may release both while waiting for space. */
+static char *reserve(size_t n) {
+    if (n > B.cap) return NULL;
+    if (B.len + n > B.cap && !B.drop_mode && !B.dead) {
+        int64_t waited = 0;
+        while (B.len + n > B.cap && !B.dead && !B.stop) {
+            struct timespec dl;
+            int64_t slice = 50000000LL;  /* 50 ms, so a dead consumer is noticed */
+            deadline_after(&dl, slice);
+            pthread_cond_signal(&B.data);
+            Py_BEGIN_ALLOW_THREADS
+            pthread_cond_timedwait(&B.space, &B.mu, &dl);
+            Py_END_ALLOW_THREADS
+            waited += slice;
+            if (waited >= B.block_ns) B.dead = 1;
+        }
+    }
+    if (B.len + n > B.cap) return NULL;
+    if (B.pending_drop) {
+        if (B.len + 9 + n > B.cap) return NULL;
+        char *p = B.fill + B.len;
+        p[0] = REC_DROP;
+        put_u64(p + 1, B.pending_drop);
+        B.len += 9;
+        B.pending_drop = 0;
+    }
+    char *p = B.fill + B.len;
+    if (B.len == 0) pthread_cond_signal(&B.data);
+    B.len += n;
+    return p;
+}
+
+/* Append raw bytes (a CODE or THREAD record made by the agent). */
+static void append_meta(PyObject *bytes) {
+    char *data; Py_ssize_t n;
+    if (PyBytes_AsStringAndSize(bytes, &data, &n) < 0) { PyErr_Clear(); return; }
+    pthread_mutex_lock(&B.mu);
+    char *p = reserve((size_t)n);
+    /* Metadata is never dropped silently: without it the CLI cannot decode later events. In
+     * drop mode, wait for room like lossless mode does. */
+    if (!p && B.drop_mode && !B.dead) {
+        B.drop_mode = 0; p = reserve((size_t)n); B.drop_mode = 1;
+    }
+    if (p) memcpy(p, data, (size_t)n);
+    pthread_mutex_unlock(&B.mu);
+}
+
+static void emit(int kind, uint32_t code_id, int lineno, uint32_t depth, const char *arg,
+                 Py_ssize_t arglen) {
+    size_t n = EVENT_SIZE + (arg ? 4 + (size_t)arglen : 0);
+    int64_t ts = now_ns();
+    pthread_mutex_lock(&B.mu);
+    B.seen++;
+    char *p = reserve(n);
+    if (!p) {
+        B.dropped++;
+        B.pending_drop++;
+        pthread_mutex_unlock(&B.mu);
+        return;
+    }
+    p[0] = REC_EVENT;
+    p[1] = (char)kind;
+    uint16_t flags = arg ? FLAG_ARG : 0;
+    memcpy(p + 2, &flags, 2);
+    put_u32(p + 4, T.thread_id);
+    put_u32(p + 8, code_id);
+    put_u32(p + 12, (uint32_t)(lineno < 0 ? 0 : lineno));
+    put_u32(p + 16, depth);
+    put_u64(p + 20, (uint64_t)ts);
+    if (arg) {
+        put_u32(p + 28, (uint32_t)arglen);
+        memcpy(p + 32, arg, (size_t)arglen);
+    }
+    B.sent++;
+    pthread_mutex_unlock(&B.mu);
+}
+
+/* ---- code cache --------------------------------------------------------------------------- */
+static size_t hash_ptr(void *p) {
+    uintptr_t x = (uintptr_t)p;
+    x ^= x >> 17; x *= 0xed5ad4bbU; x ^= x >> 11;
+    return (size_t)x;
+}
+
+static entry_t *cache_find(PyObject *code) {
+    if (!cache_cap) return NULL;
+    size_t mask = cache_cap - 1, i = hash_ptr(code) & mask;
+    while (cache[i].code) {
+        if (cache[i].code == code) return &cache[i];
+        i = (i + 1) & mask;
+    }
+    return NULL;
+}
+
+static entry_t *cache_insert(PyObject *code) {
+    if ((cache_len + 1) * 2 > cache_cap) {
+        size_t ncap = cache_cap ? cache_cap * 2 : 1024;
+        entry_t *n = PyMem_Calloc(ncap, sizeof(entry_t));
+        if (!n) return NULL;
+        for (size_t j = 0; j < cache_cap; j++) {
+            if (!cache[j].code) continue;
+            size_t i = hash_ptr(cache[j].code) & (ncap - 1);
+            while (n[i].code) i = (i + 1) & (ncap - 1);
+            n[i] = cache[j];
+        }
+        PyMem_Free(cache);
+        cache = n;
+        cache_cap = ncap;
+    }
+    size_t mask = cache_cap - 1, i = hash_ptr(code) & mask;
+    while (cache[i].code) i = (i + 1) & mask;
+    Py_INCREF(code);
+    cache[i].code = code;
+    cache_len++;
+    return &cache[i];
+}
+
+static void cache_clear(void) {
+    for (size_t i = 0; i < cache_cap; i++) {
+        if (!cache[i].code) continue;
+        Py_DECREF(cache[i].code);
+        PyMem_Free(cache[i].prog);
+    }
+    PyMem_Free(cache);
+    cache = NULL;
+    cache_cap = cache_len = 0;
+}
+
+/* Ask the agent about a code object once. decide(code, frame) returns None (never matches) or
+ * (code_id, kinds, program bytes or None, CODE record bytes). A failing callback counts as
+ * "never": tracing must not break the target. */
+static entry_t *lookup(PyObject *code, PyObject *frame) {
+    entry_t *e = cache_find(code);
+    if (e) return e;
+    PyObject *r = PyObject_CallFunctionObjArgs(cb_decide, code, frame ? frame : Py_None, NULL);
+    e = cache_insert(code);
+    if (!e) { Py_XDECREF(r); PyErr_Clear(); return NULL; }
+    if (!r) { PyErr_Clear(); return e; }
+    if (r != Py_None) {
+        unsigned long id, kinds;
+        PyObject *prog, *meta;
+        if (PyArg_ParseTuple(r, "kkOO", &id, &kinds, &prog, &meta)) {
+            if (prog != Py_None) {
+                Py_buffer view;
+                if (PyObject_GetBuffer(prog, &view, PyBUF_SIMPLE) == 0) {
+                    e->prog = PyMem_Malloc(view.len ? (size_t)view.len : 1);
+                    if (e->prog) {
+                        memcpy(e->prog, view.buf, (size_t)view.len);
+                        e->proglen = view.len / 8;
+                    }
+                    PyBuffer_Release(&view);
+                }
+            }
+            if (prog == Py_None || e->prog) {
+                e->id = (uint32_t)id;
+                e->kinds = (uint32_t)kinds;
+                if (PyBytes_Check(meta)) append_meta(meta);
+            }
+        }
+        PyErr_Clear();
+    }
+    Py_DECREF(r);
+    return e;
+}
+
+/* First event of a thread in this session: the agent names it (THREAD record), tells us to
+ * skip it (its own thread: None), or to ask again at its next event (False). */
+static int thread_enter(void) {
+    if (T.gen == generation) return !T.skip;
+    T.gen = generation;
+    T.depth = 0;
+    T.calls = 0;
+    T.skip = 1;
+    unsigned long ident = PyThread_get_thread_ident();
+    T.ident = ident == main_ident ? -1 : (int64_t)ident;
+    PyObject *r = PyObject_CallFunctionObjArgs(cb_thread, NULL);
+    if (r == Py_False) {
+        /* not ready to be named yet (a thread still starting): skip this event, ask again */
+        T.gen = 0;
+    } else if (r && r != Py_None) {
+        unsigned long id;
+        PyObject *meta;
+        if (PyArg_ParseTuple(r, "kO", &id, &meta)) {
+            T.thread_id = (uint32_t)id;
+            T.skip = 0;
+            if (PyBytes_Check(meta)) append_meta(meta);
+        }
+    }
+    Py_XDECREF(r);
+    PyErr_Clear();
+    return !T.skip;
+}
+
+static int64_t field_value(int64_t f, int lineno) {
+    switch (f) {
+    case F_DEPTH: return T.depth;
+    case F_LINENO: return lineno;
+    case F_CALLS: return (int64_t)T.calls;
+    case F_THREADID: return T.ident;
+    }
+    return 0;
+}
+
+static int compare(int64_t a, int64_t cmp, int64_t b) {
+    switch (cmp) {
+    case C_EQ: return a == b;
+    case C_NE: return a != b;
+    case C_LT: return a < b;
+    case C_LTE: return a <= b;
+    case C_GT: return a > b;
+    case C_GTE: return a >= b;
+    }
+    return 0;
+}
+
+/* Evaluate a residual predicate. `depth` and `calls` are the event's (T's may differ for calls,
+ * whose counters are bumped after the event). Malformed programs evaluate to false. */
+static int run_program(const entry_t *e, int kind, int lineno, PyObject *frame, PyObject *arg) {
+    int64_t st[STACK_MAX];
+    int sp = 0;
+    const int64_t *p = e->prog, *end = e->prog + e->proglen;
+    while (p < end) {
+        int64_t op = *p++;
+        switch (op) {
+        case OP_TRUE: case OP_FALSE:
+            if (sp >= STACK_MAX) return 0;
+            st[sp++] = op == OP_TRUE;
+            break;
+        case OP_AND: case OP_OR:
+            if (sp < 2) return 0;
+            sp--;
+            st[sp - 1] = op == OP_AND ? (st[sp - 1] && st[sp]) : (st[sp - 1] || st[sp]);
+            break;
+        case OP_NOT:
+            if (sp < 1) return 0;
+            st[sp - 1] = !st[sp - 1];
+            break;
+        case OP_KIND:
+            if (p >= end || sp >= STACK_MAX) return 0;
+            st[sp++] = ((1LL << kind) & *p++) != 0;
+            break;
+        case OP_CMP:
+            if (end - p < 3 || sp >= STACK_MAX) return 0;
+            st[sp++] = compare(field_value(p[0], lineno), p[1], p[2]);
+            p += 3;
+            break;
+        case OP_IN: {
+            if (end - p < 2 || sp >= STACK_MAX) return 0;
+            int64_t v = field_value(p[0], lineno), n = p[1];
+            p += 2;
+            if (n < 0 || end - p < n) return 0;
+            int hit = 0;
+            for (int64_t i = 0; i < n; i++) hit |= p[i] == v;
+            p += n;
+            st[sp++] = hit;
+            break;
+        }
+        case OP_PY: {
+            if (p >= end || sp >= STACK_MAX) return 0;
+            PyObject *r = PyObject_CallFunction(cb_pypred, "LOiOIK", (long long)*p++,
+                                                frame ? frame : Py_None, kind,
+                                                arg ? arg : Py_None, T.depth,
+                                                (unsigned long long)T.calls);
+            int v = r ? PyObject_IsTrue(r) : 0;
+            Py_XDECREF(r);
+            if (v < 0) v = 0;
+            PyErr_Clear();
+            st[sp++] = v;
+            break;
+        }
+        default:
+            return 0;
+        }
+    }
+    return sp == 1 && st[0];
+}
+
+/* The common event path. `frame` may be NULL when the backend has none handy (it is then
+ * fetched only if a Python callback needs it). Depth bookkeeping is the caller's. */
+static void on_event(PyObject *code, PyObject *frame, int kind, int lineno, PyObject *arg) {
+    entry_t *e = lookup(code, frame);
+    if (!e || !e->id || !((e->kinds >> kind) & 1)) return;
+    if (e->prog && !run_program(e, kind, lineno, frame, arg)) return;
+    if (kind == K_LINE || !cb_fmt || cb_fmt == Py_None) {
+        emit(kind, e->id, lineno, T.depth, NULL, 0);
+        return;
+    }
+    PyObject *s = PyObject_CallFunction(cb_fmt, "iOO", kind, frame ? frame : Py_None,
+                                        arg ? arg : Py_None);
+    const char *txt = NULL;
+    Py_ssize_t len = 0;
+    if (s && PyUnicode_Check(s)) txt = PyUnicode_AsUTF8AndSize(s, &len);
+    if (!txt) { PyErr_Clear(); txt = "<repr failed>"; len = 13; }
+    emit(kind, e->id, lineno, T.depth, txt, len);
+    Py_XDECREF(s);
+}
+
+/* ---- settrace / profile backend (3.8-3.11) ----------------------------------------------- */
+#ifdef HA_SETTRACE
+static int trace_mode;  /* 0 = settrace, 1 = setprofile (no line or exception events needed) */
+
+static int tracefunc(PyObject *obj, PyFrameObject *frame, int what, PyObject *arg) {
+    (void)obj;
+    if (!active || !thread_enter()) return 0;
+    PyObject *code = (PyObject *)PyFrame_GetCode(frame);
+    Py_DECREF(code);  /* the frame keeps it alive */
+    switch (what) {
+    case PyTrace_CALL: {
+        entry_t *e = lookup(code, (PyObject *)frame);
+        if (trace_mode == 0 && (!e || !e->id || !((e->kinds >> K_LINE) & 1))) {
+            /* no line event of this frame can match: don't let CPython generate them */
+#if PY_VERSION_HEX < 0x030B0000
+            frame->f_trace_lines = 0;
+#else
+            if (PyObject_SetAttr((PyObject *)frame, str_f_trace_lines, Py_False) < 0)
+                PyErr_Clear();
+#endif
+        }
+        on_event(code, (PyObject *)frame, K_CALL, PyFrame_GetLineNumber(frame), NULL);
+        T.depth++;
+        T.calls++;
+        break;
+    }
+    case PyTrace_LINE:
+        on_event(code, (PyObject *)frame, K_LINE, PyFrame_GetLineNumber(frame), NULL);
+        break;
+    case PyTrace_RETURN:
+        if (T.depth > 0) T.depth--;
+        on_event(code, (PyObject *)frame, K_RETURN, PyFrame_GetLineNumber(frame), arg);
+        break;
+    case PyTrace_EXCEPTION:
+        on_event(code, (PyObject *)frame, K_EXCEPTION, PyFrame_GetLineNumber(frame), arg);
+        break;
+    default:  /* C_CALL etc. in profile mode */
+        break;
+    }
+    return 0;
+}
+
+/* Install or remove our function on one thread state. CPython 3.8-3.11 only offer "the
+ * current thread", so we briefly make `ts` current; this holds the GIL throughout and is what
+ * debuggers do on these versions. */
+static void set_on_thread(PyThreadState *ts, Py_tracefunc f, PyObject *o) {
+    PyThreadState *me = PyThreadState_Get();
+    if (ts != me) PyThreadState_Swap(ts);
+    if (trace_mode == 1) PyEval_SetProfile(f, o); else PyEval_SetTrace(f, o);
+    if (ts != me) PyThreadState_Swap(me);
+}
+
+typedef struct { PyThreadState *ts; unsigned long tid; Py_tracefunc f; PyObject *o; } saved_t;
+static saved_t *saved;
+static size_t nsaved;
+
+static PyObject *ha_install(PyObject *self, PyObject *args) {
+    unsigned long exclude;
+    int mode;
+    if (!PyArg_ParseTuple(args, "ik", &mode, &exclude)) return NULL;
+    trace_mode = mode;
+    PyInterpreterState *interp = PyThreadState_Get()->interp;
+    size_t n = 0;
+    for (PyThreadState *ts = PyInterpreterState_ThreadHead(interp); ts; ts = PyThreadState_Next(ts))
+        n++;
+    PyMem_Free(saved);
+    saved = PyMem_Calloc(n ? n : 1, sizeof(saved_t));
+    if (!saved) return PyErr_NoMemory();
+    nsaved = 0;
+    long installed = 0;
+    for (PyThreadState *ts = PyInterpreterState_ThreadHead(interp); ts; ts = PyThreadState_Next(ts)) {
+        if (ts->thread_id == exclude) continue;
+        saved_t *s = &saved[nsaved++];
+        s->ts = ts;
+        s->tid = ts->thread_id;
+        s->f = mode == 1 ? ts->c_profilefunc : ts->c_tracefunc;
+        s->o = mode == 1 ? ts->c_profileobj : ts->c_traceobj;
+        Py_XINCREF(s->o);
+        set_on_thread(ts, tracefunc, NULL);
+        installed++;
+    }
+    return PyLong_FromLong(installed);
+}
+
+static PyObject *ha_uninstall(PyObject *self, PyObject *unused) {
+    PyInterpreterState *interp = PyThreadState_Get()->interp;
+    long removed = 0;
+    for (PyThreadState *ts = PyInterpreterState_ThreadHead(interp); ts; ts = PyThreadState_Next(ts)) {
+        Py_tracefunc cur = trace_mode == 1 ? ts->c_profilefunc : ts->c_tracefunc;
+        if (cur != tracefunc) continue;
+        Py_tracefunc f = NULL;
+        PyObject *o = NULL;
+        for (size_t i = 0; i < nsaved; i++) {
+            if (saved[i].ts == ts && saved[i].tid == ts->thread_id) {
+                f = saved[i].f; o = saved[i].o; break;
+            }
+        }
+        set_on_thread(ts, f, o);
+        removed++;
+    }
+    for (size_t i = 0; i < nsaved; i++) Py_XDECREF(saved[i].o);
+    PyMem_Free(saved);
+    saved = NULL;
+    nsaved = 0;
+    return PyLong_FromLong(removed);
+}
+
+/* threading.settrace()/setprofile() hook for threads started while we trace: the first call in
+ * the new thread lands here; we put the C function in place and handle that event. */
+static PyObject *ha_thread_hook(PyObject *self, PyObject *args) {
+    PyObject *frame, *arg;
+    const char *what;
+    if (!PyArg_ParseTuple(args, "OsO", &frame, &what, &arg)) return NULL;
+    if (trace_mode == 1) PyEval_SetProfile(active ? tracefunc : NULL, NULL);
+    else PyEval_SetTrace(active ? tracefunc : NULL, NULL);
+    if (active && strcmp(what, "call") == 0)
+        tracefunc(NULL, (PyFrameObject *)frame, PyTrace_CALL, NULL);
+    Py_RETURN_NONE;
+}
+#endif /* HA_SETTRACE */
+
+/* ---- sys.monitoring backend (3.12+) -------------------------------------------------------
+ * The agent registers these with sys.monitoring.register_callback(). Depth follows settrace:
+ * PY_START/PY_RESUME/PY_THROW open a level, PY_RETURN/PY_YIELD/PY_UNWIND close one. */
+#ifndef HA_SETTRACE
+static PyObject *current_frame(void) { return (PyObject *)PyEval_GetFrame(); }
+
+static int line_of(PyObject *code, PyObject *frame) {
+    (void)code;
+    return frame ? PyFrame_GetLineNumber((PyFrameObject *)frame) : 0;
+}
+
+static PyObject *mon_enter(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (active && n >= 2 && thread_enter()) {
+        PyObject *frame = current_frame();
+        on_event(args[0], frame, K_CALL, line_of(args[0], frame), NULL);
+        T.depth++;
+        T.calls++;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *mon_leave(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (active && n >= 3 && thread_enter()) {
+        if (T.depth > 0) T.depth--;
+        PyObject *frame = current_frame();
+        /* PY_UNWIND passes the exception; settrace reports such a return with None */
+        PyObject *value = PyExceptionInstance_Check(args[2]) ? Py_None : args[2];
+        on_event(args[0], frame, K_RETURN, line_of(args[0], frame), value);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *mon_raise(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (active && n >= 3 && thread_enter()) {
+        PyObject *frame = current_frame();
+        PyObject *exc = args[2];
+        PyObject *tb = PyException_GetTraceback(exc);
+        PyObject *tup = PyTuple_Pack(3, (PyObject *)Py_TYPE(exc), exc, tb ? tb : Py_None);
+        Py_XDECREF(tb);
+        if (tup) {
+            on_event(args[0], frame, K_EXCEPTION, line_of(args[0], frame), tup);
+            Py_DECREF(tup);
+        }
+        PyErr_Clear();
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *mon_line(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (active && n >= 2 && thread_enter()) {
+        int line = (int)PyLong_AsLong(args[1]);
+        on_event(args[0], current_frame(), K_LINE, line, NULL);
+        PyErr_Clear();
+    }
+    Py_RETURN_NONE;
+}
+#endif
+
+/* ---- session control ---------------------------------------------------------------------- */
+static PyObject *ha_configure(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"decide", "on_thread", "fmt", "pypred", "buffer_size", "drop",
+                             "block_timeout", "main_ident", NULL};
+    PyObject *decide, *on_thread, *fmt, *pypred;
+    Py_ssize_t size;
+    int drop;
+    double block_timeout;
+    unsigned long mident;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOnpdk", kwlist, &decide, &on_thread, &fmt,
+                                     &pypred, &size, &drop, &block_timeout, &mident))
+        return NULL;
+    if (active) {
+        PyErr_SetString(PyExc_RuntimeError, "a session is already active");
+        return NULL;
+    }
+    if (size < 4096) size = 4096;
+    cache_clear();
+    Py_XSETREF(cb_decide, Py_NewRef(decide));
+    Py_XSETREF(cb_thread, Py_NewRef(on_thread));
+    Py_XSETREF(cb_fmt, Py_NewRef(fmt));
+    Py_XSETREF(cb_pypred, Py_NewRef(pypred));
+    pthread_mutex_lock(&B.mu);
+    free(B.fill);
+    free(B.spare);
+    B.fill = malloc((size_t)size);
+    B.spare = malloc((size_t)size);
+    B.cap = (size_t)size;
+    B.len = 0;
+    B.drop_mode = drop;
+    B.stop = B.dead = 0;
+    B.seen = B.sent = B.dropped = B.pending_drop = 0;
+    B.block_ns = (int64_t)(block_timeout * 1e9);
+    int ok = B.fill && B.spare;
+    pthread_mutex_unlock(&B.mu);
+    if (!ok) return PyErr_NoMemory();
+    main_ident = mident;
+    generation++;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ha_set_active(PyObject *self, PyObject *arg) {
+    active = PyObject_IsTrue(arg) == 1;
+    Py_RETURN_NONE;
+}
+
+/* Drop the per-session references (code cache, callbacks). Call after the tracer is removed. */
+static PyObject *ha_reset(PyObject *self, PyObject *unused) {
+    active = 0;
+    generation++;
+    cache_clear();
+    Py_CLEAR(cb_decide);
+    Py_CLEAR(cb_thread);
+    Py_CLEAR(cb_fmt);
+    Py_CLEAR(cb_pypred);
+    pthread_mutex_lock(&B.mu);
+    free(B.fill);
+    free(B.spare);
+    B.fill = B.spare = NULL;
+    B.cap = B.len = 0;
+    pthread_mutex_unlock(&B.mu);
+    Py_RETURN_NONE;
+}
+
+static int send_all(int fd, const char *p, size_t n, int timeout_ms) {
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) { p += w; n -= (size_t)w; continue; }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd pfd = {fd, POLLOUT, 0};
+            int r = poll(&pfd, 1, timeout_ms);
+            if (r == 0) return -ETIMEDOUT;
+            if (r < 0 && errno != EINTR) return -errno;
+            continue;
+        }
+        return w < 0 ? -errno : -EPIPE;
+    }
+    return 0;
+}
+
+/* pump(fd, idle_ms, send_timeout_ms): move records to the socket until there is something to
+ * read on fd (a control frame, or EOF because the CLI died) -> 1; stop() was called and
+ * everything is flushed -> 0; the socket failed -> -errno. Runs without the GIL. */
+static PyObject *ha_pump(PyObject *self, PyObject *args) {
+    int fd, idle_ms, send_timeout_ms;
+    if (!PyArg_ParseTuple(args, "iii", &fd, &idle_ms, &send_timeout_ms)) return NULL;
+    int result = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        pthread_mutex_lock(&B.mu);
+        if (B.len == 0 && !B.stop) {
+            struct timespec dl;
+            deadline_after(&dl, (int64_t)idle_ms * 1000000LL);
+            pthread_cond_timedwait(&B.data, &B.mu, &dl);
+        }
+        int stopping = B.stop;
+        size_t len = 0;
+        char *out = NULL;
+        if (B.len && B.fill) {
+            out = B.fill;
+            len = B.len;
+            B.fill = B.spare;
+            B.spare = out;
+            B.len = 0;
+            pthread_cond_broadcast(&B.space);
+        }
+        pthread_mutex_unlock(&B.mu);
+        if (len) {
+            /* `out` is now the spare buffer: producers never touch it until the next swap,
+             * which only this thread performs. */
+            char hdr[5];
+            uint32_t l32 = (uint32_t)len;
+            memcpy(hdr, &l32, 4);
+            hdr[4] = FRAME_RECORDS;
+            int rc = send_all(fd, hdr, 5, send_timeout_ms);
+            if (!rc) rc = send_all(fd, out, len, send_timeout_ms);
+            if (rc) {
+                pthread_mutex_lock(&B.mu);
+                B.dead = 1;
+                pthread_cond_broadcast(&B.space);
+                pthread_mutex_unlock(&B.mu);
+                result = rc;
+                break;
+            }
+        }
+        if (stopping) {
+            if (len) continue;  /* flush until a pass finds the buffer empty */
+            result = 0;
+            break;
+        }
+        struct pollfd pfd = {fd, POLLIN, 0};
+        if (poll(&pfd, 1, 0) > 0) { result = 1; break; }
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(result);
+}
+
+static PyObject *ha_stop_pump(PyObject *self, PyObject *arg) {
+    pthread_mutex_lock(&B.mu);
+    B.stop = PyObject_IsTrue(arg) == 1;
+    pthread_cond_broadcast(&B.data);
+    pthread_cond_broadcast(&B.space);
+    pthread_mutex_unlock(&B.mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ha_stats(PyObject *self, PyObject *unused) {
+    pthread_mutex_lock(&B.mu);
+    PyObject *d = Py_BuildValue("{s:K,s:K,s:K,s:i,s:n}", "seen", (unsigned long long)B.seen,
+                                "sent", (unsigned long long)B.sent, "dropped",
+                                (unsigned long long)B.dropped, "dead", B.dead, "codes",
+                                (Py_ssize_t)cache_len);
+    pthread_mutex_unlock(&B.mu);
+    return d;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", (PyCFunction)(void (*)(void))ha_configure, METH_VARARGS | METH_KEYWORDS,
+     "Prepare a session: callbacks, buffer size, drop mode."},
+    {"set_active", ha_set_active, METH_O, "Turn event processing on or off."},
+    {"reset", ha_reset, METH_NOARGS, "Forget the session: code cache, callbacks, buffers."},
+    {"pump", ha_pump, METH_VARARGS, "Stream records to a socket fd; see the C comment."},
+    {"stop_pump", ha_stop_pump, METH_O, "Ask pump() to flush and return."},
+    {"stats", ha_stats, METH_NOARGS, "Counters of this session."},
+#ifdef HA_SETTRACE
+    {"install", ha_install, METH_VARARGS, "install(mode, exclude_ident): trace every thread."},
+    {"uninstall", ha_uninstall, METH_NOARGS, "Restore every thread's previous function."},
+    {"thread_hook", ha_thread_hook, METH_VARARGS, "threading.settrace hook for new threads."},
+#else
+    {"mon_enter", (PyCFunction)(void (*)(void))mon_enter, METH_FASTCALL, "PY_START/RESUME/THROW"},
+    {"mon_leave", (PyCFunction)(void (*)(void))mon_leave, METH_FASTCALL, "PY_RETURN/YIELD/UNWIND"},
+    {"mon_raise", (PyCFunction)(void (*)(void))mon_raise, METH_FASTCALL, "RAISE"},
+    {"mon_line", (PyCFunction)(void (*)(void))mon_line, METH_FASTCALL, "LINE"},
+#endif
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_tracer", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__tracer(void) {
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m) return NULL;
+    str_f_trace_lines = PyUnicode_InternFromString("f_trace_lines");
+#ifdef HA_SETTRACE
+    PyModule_AddStringConstant(m, "BACKEND", "settrace");
+#else
+    PyModule_AddStringConstant(m, "BACKEND", "monitoring");
+#endif
+    return m;
+}

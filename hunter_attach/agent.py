@@ -1,0 +1,328 @@
+"""The agent: runs inside the target, on its own thread, for one trace session.
+
+Shipped into the target as source (stdlib only, CPython 3.8+); the bootstrap builds the package
+``_hunter_attach`` from it and calls :func:`serve`. The agent never raises into the target: every
+failure is reported to the CLI as an ERROR frame, and the tracer is removed on every path.
+
+The hot path is in the C module ``_tracer``; this module answers its questions once per code
+object (:meth:`Session.decide`) and once per thread (:meth:`Session.on_thread`), makes the safe
+reprs of matched events, and moves control frames.
+"""
+
+from __future__ import annotations
+
+import _thread
+import linecache
+import os
+import socket
+import sys
+from typing import Any, Dict, Optional, Tuple
+
+from . import filters, protocol, saferepr
+
+# Only one session at a time per process: the C tracer's state is process-wide. Module state
+# survives between sessions because the bootstrap reuses this package when its sources match.
+_session_lock = _thread.allocate_lock()
+_fork_hook_installed = False
+
+MAX_SOURCE_LINES = 400
+
+
+class AgentError(Exception):
+    """A failure the CLI should show the user as is."""
+
+
+def _main_ident() -> int:
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        return threading.main_thread().ident or 0
+    # Without the threading module there is no record of the main thread; the oldest thread
+    # state is it, and sys._current_frames() lists thread states newest first.
+    idents = list(sys._current_frames())
+    return idents[-1] if idents else 0
+
+
+def _thread_name(ident: int, main: bool) -> str:
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        # threading._active, not current_thread(): the latter would register a dummy thread
+        # object in the target for threads started with _thread.
+        thread = threading._active.get(ident)  # type: ignore[attr-defined]
+        if thread is not None:
+            return str(thread.name)
+    return "MainThread" if main else "Thread-%d" % ident
+
+
+class Session:
+    def __init__(self, sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
+        self.sock = sock
+        self.tracer = tracer
+        self.config = config
+        self.filter = filters.Filter(config["query"])
+        self.repr_limit = int(config.get("repr_limit", 1024))
+        self.main_ident = _main_ident()
+        self.my_ident = _thread.get_ident()
+        self.next_code = 1
+        self.next_thread = 1
+        self.linecache_added: set = set()
+        self.backend = ""
+        self.tool_id: Optional[int] = None
+        self.previous_thread_hook: Any = None
+        self.enable_lines: Any = None
+        self.mode = 0
+
+    # ---- callbacks from the C tracer (tracing is off while they run) ----------------------
+    def decide(self, code: Any, frame: Any) -> Optional[Tuple[int, int, Any, bytes]]:
+        module = ""
+        if frame is not None:
+            module = str(frame.f_globals.get("__name__", ""))
+        decision = self.filter.decide(code, module)
+        if decision.never:
+            return None
+        code_id = self.next_code
+        self.next_code += 1
+        if self.enable_lines is not None and decision.kinds & (1 << protocol.LINE):
+            self.enable_lines(code)
+        meta = protocol.encode_meta(protocol.REC_CODE, self.code_info(code_id, code, module, frame))
+        program = decision.program.tobytes() if decision.program is not None else None
+        return code_id, decision.kinds, program, meta
+
+    def code_info(self, code_id: int, code: Any, module: str, frame: Any) -> Dict[str, Any]:
+        filename = code.co_filename
+        module_globals = frame.f_globals if frame is not None else None
+        if filename not in linecache.cache:
+            self.linecache_added.add(filename)
+        try:
+            all_lines = linecache.getlines(filename, module_globals)
+        except Exception:
+            all_lines = []
+        first = code.co_firstlineno
+        last = first
+        try:
+            linenos = [line for _, _, line in code.co_lines() if line] if hasattr(
+                code, "co_lines") else []
+            if linenos:
+                last = max(linenos)
+        except Exception:
+            pass
+        last = min(last, first + MAX_SOURCE_LINES, len(all_lines))
+        lines = {str(n): all_lines[n - 1] for n in range(max(first, 1), last + 1)}
+        fullsource = ""
+        try:
+            fullsource = filters.definition_source(code, module_globals)
+        except Exception:
+            pass
+        return {
+            "id": code_id,
+            "filename": filename,
+            "module": module,
+            "function": code.co_name,
+            "qualname": getattr(code, "co_qualname", code.co_name),
+            "firstlineno": first,
+            "stdlib": bool(filters.is_stdlib(filename)),
+            "lines": lines,
+            "fullsource": fullsource,
+        }
+
+    def on_thread(self) -> Any:
+        """(thread id, THREAD record); None to never trace this thread; False to ask again."""
+        ident = _thread.get_ident()
+        if ident == self.my_ident:
+            return None
+        main = ident == self.main_ident
+        threading = sys.modules.get("threading")
+        if (not main and threading is not None and ident not in threading._active  # type: ignore
+                and threading._limbo):  # type: ignore[attr-defined]
+            # A threading.Thread between start() and registering itself: its name is not
+            # known yet. sys.monitoring reports these first events; settrace does not.
+            return False
+        thread_id = self.next_thread
+        self.next_thread += 1
+        info = {"id": thread_id, "ident": ident, "name": _thread_name(ident, main), "main": main}
+        return thread_id, protocol.encode_meta(protocol.REC_THREAD, info)
+
+    def fmt(self, kind: int, frame: Any, arg: Any) -> str:
+        if kind == protocol.CALL:
+            return saferepr.call_arguments(frame, self.repr_limit)
+        return saferepr.trimmed(arg, self.repr_limit)
+
+    # ---- install / uninstall ------------------------------------------------------------------
+    def install(self) -> int:
+        t = self.tracer
+        t.configure(decide=self.decide, on_thread=self.on_thread, fmt=self.fmt,
+                    pypred=self.filter.pypred,
+                    buffer_size=int(self.config.get("buffer_size", 1 << 20)),
+                    drop=bool(self.config.get("drop", False)),
+                    block_timeout=float(self.config.get("block_timeout", 10.0)),
+                    main_ident=self.main_ident)
+        if t.BACKEND == "monitoring":
+            return self.install_monitoring()
+        kinds = self.filter.kinds
+        mode = 1 if not kinds & ((1 << protocol.LINE) | (1 << protocol.EXCEPTION)) else 0
+        self.backend = "profile" if mode else "settrace"
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            if mode:
+                self.previous_thread_hook = threading._profile_hook  # type: ignore[attr-defined]
+                threading.setprofile(t.thread_hook)
+            else:
+                self.previous_thread_hook = threading._trace_hook  # type: ignore[attr-defined]
+                threading.settrace(t.thread_hook)
+        self.mode = mode
+        count = int(t.install(mode, self.my_ident))
+        t.set_active(True)
+        return count
+
+    def install_monitoring(self) -> int:
+        mon = sys.monitoring  # type: ignore[attr-defined]
+        for tool in (4, 3, 5, 2, 1, 0):
+            if mon.get_tool(tool) is None:
+                mon.use_tool_id(tool, "hunter-attach")
+                self.tool_id = tool
+                break
+        else:
+            raise AgentError("all sys.monitoring tool ids are in use by other tools")
+        E = mon.events
+        t = self.tracer
+        callbacks = [
+            (E.PY_START, t.mon_enter), (E.PY_RESUME, t.mon_enter), (E.PY_THROW, t.mon_enter),
+            (E.PY_RETURN, t.mon_leave), (E.PY_YIELD, t.mon_leave), (E.PY_UNWIND, t.mon_leave),
+            (E.RAISE, t.mon_raise), (E.LINE, t.mon_line),
+        ]
+        events = 0
+        for event, func in callbacks:
+            mon.register_callback(self.tool_id, event, func)
+            if event != E.LINE:
+                events |= event
+        self.backend = "monitoring"
+        tool_id = self.tool_id
+
+        def enable_lines(code: Any) -> None:
+            # LINE is enabled per code object, only where a line event can match.
+            mon.set_local_events(tool_id, code, E.LINE)
+
+        self.enable_lines = enable_lines
+        mon.set_events(self.tool_id, events)
+        self.tracer.set_active(True)
+        return len(sys._current_frames()) - 1
+
+    def uninstall(self) -> None:
+        t = self.tracer
+        t.set_active(False)
+        if self.backend == "monitoring":
+            mon = sys.monitoring  # type: ignore[attr-defined]
+            if self.tool_id is not None and mon.get_tool(self.tool_id) == "hunter-attach":
+                mon.set_events(self.tool_id, 0)
+                for event in range(0, 20):
+                    try:
+                        mon.register_callback(self.tool_id, 1 << event, None)
+                    except ValueError:
+                        pass
+                mon.free_tool_id(self.tool_id)
+        elif self.backend:
+            threading = sys.modules.get("threading")
+            if threading is not None:
+                if self.mode:
+                    threading.setprofile(self.previous_thread_hook)
+                else:
+                    threading.settrace(self.previous_thread_hook)
+            t.uninstall()
+        for filename in self.linecache_added:
+            linecache.cache.pop(filename, None)
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    sock.settimeout(5.0)
+    sock.sendall(data)
+
+
+def _read_control(sock: socket.socket, reader: protocol.FrameReader) -> Optional[int]:
+    """Read what made the socket readable: a control frame type, or None for EOF."""
+    sock.settimeout(1.0)
+    try:
+        data = sock.recv(65536)
+    except (socket.timeout, OSError):
+        return None
+    if not data:
+        return None
+    for ftype, _ in reader.feed(data):
+        return ftype
+    return -1  # a partial frame; keep pumping
+
+
+def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
+    """Run one session to its end. Called by the bootstrap on the agent's thread."""
+    if not _session_lock.acquire(False):
+        _send(sock, protocol.encode_json(protocol.ERROR, {
+            "message": "another hunter-trace session is already tracing this process"}))
+        return
+    session = None
+    try:
+        if tracer is None:
+            raise AgentError("no compiled tracer for this Python (%s)" % sys.version.split()[0])
+        session = Session(sock, tracer, config)
+        _install_fork_hook()
+        threads = session.install()
+        _send(sock, protocol.encode_json(protocol.READY, {
+            "backend": session.backend, "threads": threads, "aliases": session.filter.aliases,
+            "python": list(sys.version_info[:3]), "pid": os.getpid()}))
+        reader = protocol.FrameReader(1 << 16)
+        graceful = False
+        while True:
+            rc = tracer.pump(sock.fileno(), 50, 10000)
+            if rc == 1:
+                ftype = _read_control(sock, reader)
+                if ftype == -1:
+                    continue
+                graceful = ftype == protocol.STOP
+                break
+            break  # socket error or stalled consumer: the CLI is gone
+        session.uninstall()
+        if graceful:
+            tracer.stop_pump(True)
+            tracer.pump(sock.fileno(), 0, 2000)
+            stats = tracer.stats()
+            _send(sock, protocol.encode_json(protocol.BYE, stats))
+    except BaseException as exc:  # never into the target
+        try:
+            if session is not None:
+                session.uninstall()
+        except BaseException:
+            pass
+        try:
+            _send(sock, protocol.encode_json(protocol.ERROR, {
+                "message": "%s: %s" % (type(exc).__name__, exc)}))
+        except BaseException:
+            pass
+    finally:
+        try:
+            tracer.reset()
+        except BaseException:
+            pass
+        try:
+            sock.close()
+        except BaseException:
+            pass
+        _session_lock.release()
+
+
+def _install_fork_hook() -> None:
+    """A forked child must not keep tracing into its parent's socket. os.register_at_fork hooks
+    cannot be removed, so one is installed per process and it only acts during a session."""
+    global _fork_hook_installed
+    if _fork_hook_installed or not hasattr(os, "register_at_fork"):
+        return
+    package = sys.modules.get(__name__.rpartition(".")[0])
+
+    def after_in_child() -> None:
+        tracer = getattr(package, "_tracer", None)
+        if tracer is not None:
+            try:
+                tracer.set_active(False)
+                if tracer.BACKEND == "settrace":
+                    tracer.uninstall()
+            except BaseException:
+                pass
+
+    os.register_at_fork(after_in_child=after_in_child)
+    _fork_hook_installed = True

@@ -1,0 +1,102 @@
+"""The bootstrap: the only Python text the CLI ever injects into the target.
+
+It is a fixed template. The CLI fills in exactly two values, the socket path and a one-time token,
+both of our own making and checked here, so no user text can reach the target as code. The query
+and everything else travel as data over the authenticated socket afterwards.
+
+In the target, the bootstrap only starts a thread and returns, so the thread that runs it (the
+main thread for a pending call, manhole's thread, or our helper thread) is held for microseconds.
+That thread connects to the CLI, says HELLO, receives LOAD (the agent's sources unless the same
+ones are already loaded, the compiled tracer's path, the session config), builds the package
+``_hunter_attach`` and hands over to ``agent.serve``. Nothing escapes: every failure is reported
+to the CLI as an ERROR frame or swallowed.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Runs on CPython 3.8+. Kept free of f-strings and of anything that could fail at compile time.
+_TEMPLATE = r'''
+import _thread
+def _boot(path, token):
+    import json, os, socket, struct, sys, types
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def send(ftype, obj):
+        data = json.dumps(obj).encode()
+        s.sendall(struct.pack('<IB', len(data), ftype) + data)
+    def recv(n):
+        data = b''
+        while len(data) < n:
+            chunk = s.recv(n - len(data))
+            if not chunk:
+                raise EOFError('the CLI closed the connection')
+            data += chunk
+        return data
+    try:
+        s.settimeout(10.0)
+        s.connect(path)
+        import importlib.machinery, importlib.util
+        pkg = sys.modules.get('_hunter_attach')
+        tracer = getattr(pkg, '_tracer', None)
+        send(1, {'token': token, 'pid': os.getpid(), 'version': list(sys.version_info[:3]),
+                 'ext_suffix': importlib.machinery.EXTENSION_SUFFIXES[0],
+                 'executable': sys.executable,
+                 'package_hash': getattr(pkg, '__hunter_attach_hash__', None),
+                 'tracer_hash': getattr(tracer, '__hunter_attach_hash__', None)})
+        length, ftype = struct.unpack('<IB', recv(5))
+        if ftype != 2 or length > 64 * 1024 * 1024:
+            raise ValueError('unexpected frame %d from the CLI' % ftype)
+        load = json.loads(recv(length).decode())
+        if load['package_hash'] != getattr(pkg, '__hunter_attach_hash__', None):
+            for name in [n for n in sys.modules if n == '_hunter_attach' or n.startswith('_hunter_attach.')]:
+                del sys.modules[name]
+            pkg = types.ModuleType('_hunter_attach')
+            pkg.__path__ = []
+            pkg.__package__ = '_hunter_attach'
+            sys.modules['_hunter_attach'] = pkg
+            for name, source in load['modules']:
+                mod = types.ModuleType('_hunter_attach.' + name)
+                mod.__package__ = '_hunter_attach'
+                sys.modules[mod.__name__] = mod
+                setattr(pkg, name, mod)
+                exec(compile(source, '<hunter_attach/%s.py>' % name, 'exec'), mod.__dict__)
+            pkg.__hunter_attach_hash__ = load['package_hash']
+        if load['tracer'] and getattr(tracer, '__hunter_attach_hash__', None) != load['tracer_hash']:
+            spec = importlib.util.spec_from_file_location('_hunter_attach._tracer', load['tracer'])
+            tracer = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(tracer)
+            tracer.__hunter_attach_hash__ = load['tracer_hash']
+        if not load['tracer']:
+            tracer = None
+        pkg._tracer = tracer
+        sys.modules['_hunter_attach._tracer'] = tracer
+        pkg.agent.serve(s, tracer, load['config'])
+    except BaseException as exc:
+        try:
+            send(5, {'message': 'bootstrap failed: %s: %s' % (type(exc).__name__, exc)})
+        except BaseException:
+            pass
+        try:
+            s.close()
+        except BaseException:
+            pass
+try:
+    _thread.start_new_thread(_boot, (PATH, TOKEN))
+except BaseException:
+    pass
+'''
+
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./-]{1,200}$")
+_SAFE_TOKEN = re.compile(r"^[0-9a-f]{32,64}$")
+
+
+def render(socket_path: str, token: str) -> str:
+    """One line of Python that runs the template with these two values.
+
+    The values are validated against a narrow alphabet on top of being embedded with repr(), so
+    even a bug elsewhere cannot turn them into code."""
+    if not _SAFE_PATH.match(socket_path) or not _SAFE_TOKEN.match(token):
+        raise ValueError("unsafe bootstrap parameters")
+    source = _TEMPLATE.replace("PATH, TOKEN", "%r, %r" % (socket_path, token))
+    return "exec(%r, {'__name__': '_hunter_attach_boot'})" % source

@@ -1,0 +1,248 @@
+"""``hunter-trace``: attach to a running CPython process and stream matching events.
+
+This module only orchestrates: options -> query -> target -> tracer -> session -> injection ->
+renderers. Every failure is a HunterAttachError with an exit code and a hint; nothing else is
+allowed to end the program with a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, List, Optional, Sequence, TextIO
+
+import click
+
+from . import build, query as query_mod, target as target_mod
+from .errors import HunterAttachError, InjectionFailed, QueryError, TargetExited
+from .events import Event
+from .render import RenderOptions, make_renderers
+from .session import Drop, Session
+
+PROG = "hunter-trace"
+
+
+class Detach(Exception):
+    """SIGTERM or SIGHUP: detach cleanly, like Ctrl-C."""
+
+
+def _raise_detach(signum: int, frame: Any) -> None:
+    raise Detach(signum)
+
+
+def _say(text: str) -> None:
+    click.echo("%s: %s" % (PROG, text), err=True)
+
+
+class Status:
+    """The live status line on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.last = 0.0
+        self.shown = 0
+        self.dropped = 0
+
+    def update(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < 0.5):
+            return
+        self.last = now
+        sys.stderr.write("\r\x1b[K%s: %d events, %d dropped" % (PROG, self.shown, self.dropped))
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled and self.last:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _inject(target: target_mod.Target, session: Session, use_gdb: bool, sig: Optional[int],
+            timeout: float, log: Callable[[str], None]) -> Callable[[], None]:
+    """Deliver the bootstrap. Returns what to call once the agent has connected."""
+    if use_gdb:
+        from .inject import gdb
+
+        how = gdb.inject(target.pid, session.bootstrap_code, timeout=timeout, log=log)
+        log("bootstrap delivered by gdb (%s)" % how)
+        return lambda: None
+    from .inject import manhole
+
+    sock = manhole.inject(target.pid, session.bootstrap_code, sig=sig, timeout=timeout,
+                          root=target.root, log=log)
+    return lambda: manhole.drain(sock, log)
+
+
+def run(pid: int, use_gdb: bool, sig: Optional[int], timeout: float, terms: Sequence[str],
+        out: TextIO, render_options: RenderOptions, config_extra: dict, max_events: int,
+        duration: Optional[float], verbose: bool) -> int:
+    log: Callable[[str], None] = (lambda s: _say(s)) if verbose else (lambda s: None)
+    tree = query_mod.parse_query(terms)
+    log("query: %s" % query_mod.describe(tree))
+    target = target_mod.resolve(pid)
+    log("target: CPython %s, %s" % (".".join(map(str, target.version)), target.exe))
+    if use_gdb:
+        target_mod.check_gdb()
+        target_mod.check_ptrace(target)
+    tracer = build.tracer_for(target.version, target.host_path(target.exe), log)
+    if tracer is None:
+        raise InjectionFailed(
+            "no compiled tracer for CPython %s" % ".".join(map(str, target.version)),
+            "Install a C compiler and the Python headers of the target's interpreter.")
+    config = dict(config_extra, query=tree)
+    renderers = make_renderers(render_options, out)
+    status = Status(sys.stderr.isatty() and out is not sys.stderr)
+    started = time.monotonic()
+    session = Session(target.pid, target.uid, target.root, config, tracer, log)
+    old_handlers = {s: signal.signal(s, _raise_detach) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        deadline = time.monotonic() + timeout
+        finish_injection = _inject(target, session, use_gdb, sig, timeout, log)
+        try:
+            hello = session.accept(deadline)
+        finally:
+            finish_injection()
+        ready = session.start(hello, deadline)
+        for typed, resolved in sorted(ready.get("aliases", {}).items()):
+            _say("module %s resolves to %s in the target; matching %s" % (typed, resolved,
+                                                                            resolved))
+        _say("process %d attached (backend %s, %d threads, %.0f ms)" % (
+            pid, ready.get("backend"), ready.get("threads", 0), (time.monotonic() - started) * 1e3))
+        return _stream(session, renderers, status, max_events, duration, pid)
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+        session.close()
+
+
+def _stream(session: Session, renderers: List[Any], status: Status, max_events: int,
+            duration: Optional[float], pid: int) -> int:
+    """Render until the user, a limit or the target ends the session. Returns the exit code."""
+    end_at = time.monotonic() + duration if duration else None
+    stop_deadline: Optional[float] = None
+    exit_code = 0
+    seen = 0
+
+    def stop() -> None:
+        nonlocal stop_deadline
+        if stop_deadline is None:
+            session.request_stop()
+            stop_deadline = time.monotonic() + 2.0
+
+    items = session.items(poll=0.1)
+    while True:
+        try:
+            try:
+                item = next(items)
+            except StopIteration:
+                break
+            if isinstance(item, Event):
+                seen += 1
+                if stop_deadline is None:
+                    for r in renderers:
+                        r.event(item)
+                    status.shown += 1
+                    if max_events and seen >= max_events:
+                        stop()
+            elif isinstance(item, Drop):
+                status.dropped += item.count
+                for r in renderers:
+                    r.drop(item.count, item.seq)
+            status.update()
+            if end_at is not None and time.monotonic() >= end_at:
+                stop()
+            if stop_deadline is not None and time.monotonic() > stop_deadline:
+                break
+        except (KeyboardInterrupt, Detach):
+            stop()
+        except BrokenPipeError:
+            # `| head`: the reader is gone. Detach quietly; nothing more can be shown.
+            _silence_stdout()
+            renderers = [r for r in renderers if getattr(r, "to_stdout", False) is False]
+            stop()
+    status.clear()
+    for r in renderers:
+        try:
+            r.close()
+        except BrokenPipeError:
+            _silence_stdout()
+    if session.bye is not None or stop_deadline is not None:
+        _say("process %d detached" % pid)
+        bye = session.bye or {}
+        if bye.get("dropped"):
+            _say("%d events dropped" % bye["dropped"])
+    return exit_code
+
+
+def _silence_stdout() -> None:
+    # Point stdout at /dev/null so that the interpreter's final flush cannot raise again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-p", "--pid", type=int, required=True, help="The process to trace.")
+@click.option("--gdb", "use_gdb", is_flag=True,
+              help="Inject with gdb (ptrace). Without it, use the service's manhole socket.")
+@click.option("-s", "--signal", "signal_name", default=None, metavar="SIGNAL",
+              help="Manhole mode: send this signal first (e.g. SIGUSR1, USR1 or 10), for a "
+                   "service that installed manhole with activate_on=SIGNAL.")
+@click.option("-t", "--timeout", type=float, default=5.0, show_default=True,
+              help="Seconds allowed for attaching.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write events to this file instead of stdout.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+@click.option("--printer", type=click.Choice(["call", "code"]), default="call", show_default=True,
+              help="Text layout: hunter's CallPrinter or CodePrinter.")
+@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto",
+              show_default=True, help="Colors in text output (NO_COLOR is respected).")
+@click.option("--perfetto", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write a Chrome/Perfetto trace-event JSON file.")
+@click.option("-c", "--summary", is_flag=True, help="Print a per-function table at exit.")
+@click.option("--repr-limit", type=click.IntRange(16, 1 << 20), default=1024, show_default=True,
+              help="Longest repr of a value.")
+@click.option("--max-events", type=click.IntRange(0), default=0,
+              help="Detach after this many events (0: no limit).")
+@click.option("-d", "--duration", type=click.FloatRange(0, min_open=True), default=None,
+              help="Detach after this many seconds.")
+@click.option("--drop", is_flag=True,
+              help="Drop events instead of slowing the target when the CLI falls behind.")
+@click.option("--pid-prefix", is_flag=True, help="Prefix each text line with the pid.")
+@click.option("-v", "--verbose", is_flag=True, help="Show what happens while attaching.")
+@click.argument("query", nargs=-1)
+def main(pid: int, use_gdb: bool, signal_name: Optional[str], timeout: float,
+         output: Optional[str], as_json: bool, printer: str, color: str, perfetto: Optional[str],
+         summary: bool, repr_limit: int, max_events: int, duration: Optional[float], drop: bool,
+         pid_prefix: bool, verbose: bool, query: Sequence[str]) -> None:
+    """Trace a running Python process: hunter-style QUERY terms, ANDed, e.g. module=os.path."""
+    out: TextIO = sys.stdout
+    try:
+        sig = None
+        if signal_name is not None:
+            from .inject.manhole import parse_signal
+
+            sig = parse_signal(signal_name)
+            if use_gdb:
+                raise QueryError("-s SIGNAL is for manhole mode; it cannot be used with --gdb")
+        if output:
+            out = open(output, "w", encoding="utf-8")
+        options = RenderOptions(printer=printer, json=as_json, perfetto=perfetto,
+                                summary=summary, color=color, pid_prefix=pid_prefix)
+        config = {"repr_limit": repr_limit, "drop": drop}
+        code = run(pid, use_gdb, sig, timeout, query, out, options, config, max_events, duration,
+                   verbose)
+    except HunterAttachError as exc:
+        _say(exc.message)
+        if exc.hint:
+            _say("hint: " + exc.hint)
+        code = exc.exit_code
+    except (KeyboardInterrupt, Detach):
+        _say("interrupted while attaching; nothing was left in process %d" % pid)
+        code = 130
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    sys.exit(code)

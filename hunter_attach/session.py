@@ -1,0 +1,310 @@
+"""One trace session, CLI side: the private socket, the handshake with the agent, the event stream.
+
+Security: the socket lives in a fresh 0700 directory (owned by the target's user when we are root
+and it is not, so that only it and root can connect), the agent must present the one-time token
+and its SO_PEERCRED pid must be the target's, and the first accepted connection consumes the
+token: the listener is closed at once, so a second activation of the bootstrap (gdb mode runs two
+mechanisms) finds nobody to talk to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import socket
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+from . import bootstrap, protocol
+from .build import Tracer
+from .errors import AttachTimeout, InjectionFailed, ProtocolError, TargetExited
+from .events import CodeInfo, Event, ThreadInfo
+
+# Shipped into the target in this order (each imports only those before it).
+AGENT_MODULES = ("protocol", "saferepr", "filters", "agent")
+_PKG_DIR = Path(__file__).parent
+
+
+def agent_sources() -> Tuple[List[Tuple[str, str]], str]:
+    modules = [(name, (_PKG_DIR / (name + ".py")).read_text()) for name in AGENT_MODULES]
+    digest = hashlib.sha256(json.dumps(modules).encode()).hexdigest()
+    return modules, digest
+
+
+class Drop:
+    """``count`` events were lost before the event with sequence number ``seq``."""
+
+    def __init__(self, count: int, seq: int) -> None:
+        self.count = count
+        self.seq = seq
+
+
+Item = Union[Event, Drop]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited as far as we are concerned
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Session:
+    def __init__(self, pid: int, uid: int, root: str, config: Dict[str, Any],
+                 tracer: Optional[Tracer], log: Callable[[str], None]) -> None:
+        self.pid = pid
+        self.config = config
+        self.tracer = tracer
+        self.log = log
+        self.token = secrets.token_hex(16)
+        # Created inside the target's root, so that a target in another mount namespace (a
+        # container) sees the same directory at the path without the /proc/PID/root prefix.
+        tmp_root = os.path.join(root, "tmp") if root != "/" else tempfile.gettempdir()
+        self.dir = tempfile.mkdtemp(prefix="hunter-attach-", dir=tmp_root)
+        self.target_dir = self.dir[len(root):] if root != "/" else self.dir
+        self.listener: Optional[socket.socket] = None
+        self.conn: Optional[socket.socket] = None
+        self.reader = protocol.FrameReader()
+        self.codes: Dict[int, CodeInfo] = {}
+        self.threads: Dict[int, ThreadInfo] = {}
+        self.seq = 0
+        self.ready: Dict[str, Any] = {}
+        self.bye: Optional[Dict[str, Any]] = None
+        self.stopping = False
+        self._early: List[Tuple[int, bytes]] = []
+        try:
+            if os.geteuid() == 0 and uid != 0:
+                os.chown(self.dir, uid, -1)
+            path = os.path.join(self.dir, "s")
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(path)
+            if os.geteuid() == 0 and uid != 0:
+                os.chown(path, uid, -1)
+            self.listener.listen(4)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def bootstrap_code(self) -> str:
+        return bootstrap.render(os.path.join(self.target_dir, "s"), self.token)
+
+    # ---- handshake ----------------------------------------------------------------------
+    def accept(self, deadline: float) -> Dict[str, Any]:
+        """Wait for the agent's authenticated HELLO; return it."""
+        assert self.listener is not None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if not _pid_alive(self.pid):
+                    raise TargetExited("process %d exited before the agent connected" % self.pid)
+                raise AttachTimeout(
+                    "the agent in process %d did not connect back in time" % self.pid,
+                    "The bootstrap was delivered but did not run. In manhole mode the service "
+                    "may not be reading its socket; in gdb mode try a larger -t.")
+            self.listener.settimeout(min(remaining, 0.2))
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                if not _pid_alive(self.pid):
+                    raise TargetExited("process %d exited before the agent connected" % self.pid)
+                continue
+            hello = self._authenticate(conn, deadline)
+            if hello is not None:
+                self.conn = conn
+                # The token is spent: nobody else may connect for this session.
+                self.listener.close()
+                self.listener = None
+                os.unlink(os.path.join(self.dir, "s"))
+                return hello
+
+    def _authenticate(self, conn: socket.socket, deadline: float) -> Optional[Dict[str, Any]]:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer_pid, _, _ = struct.unpack("3i", creds)
+        if peer_pid != self.pid:
+            self.log("rejected a connection from pid %d" % peer_pid)
+            conn.close()
+            return None
+        try:
+            ftype, payload = self._read_frame(conn, deadline)
+            hello = protocol.decode_json(payload) if ftype == protocol.HELLO else {}
+        except (ProtocolError, protocol.FrameError, OSError, AttachTimeout):
+            conn.close()
+            return None
+        if not hmac.compare_digest(str(hello.get("token", "")), self.token):
+            self.log("rejected a connection with a wrong token")
+            conn.close()
+            return None
+        return hello
+
+    def _read_frame(self, conn: socket.socket, deadline: float) -> Tuple[int, bytes]:
+        reader = protocol.FrameReader()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AttachTimeout("the agent stopped answering during the handshake")
+            conn.settimeout(remaining)
+            try:
+                data = conn.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                raise ProtocolError("the agent closed the connection during the handshake")
+            frames = reader.feed(data)
+            if frames:
+                if reader.pending:
+                    self.reader.feed(bytes(reader._buf))  # hand early records to the main reader
+                return frames[0]
+
+    def start(self, hello: Dict[str, Any], deadline: float) -> Dict[str, Any]:
+        """Send LOAD, wait for READY. Returns READY's content."""
+        assert self.conn is not None
+        modules, digest = agent_sources()
+        tracer_path = None
+        tracer_digest = None
+        if self.tracer is not None:
+            tracer_digest = self.tracer.digest
+            tracer_path = os.path.join(self.target_dir, "_tracer" + str(hello.get("ext_suffix")))
+            if hello.get("tracer_hash") != tracer_digest:
+                # A copy in the session directory: the target's user can read it, and it is gone
+                # when the session ends (the mapping stays valid after unlink).
+                shutil.copyfile(self.tracer.path, os.path.join(self.dir, os.path.basename(
+                    tracer_path)))
+        load = {
+            "package_hash": digest,
+            "modules": modules if hello.get("package_hash") != digest else [],
+            "tracer": tracer_path,
+            "tracer_hash": tracer_digest,
+            "config": self.config,
+        }
+        self.conn.settimeout(5.0)
+        self.conn.sendall(protocol.encode_json(protocol.LOAD, load))
+        ftype, payload = self._next_control(deadline)
+        if ftype == protocol.ERROR:
+            raise InjectionFailed("the agent failed to start: %s"
+                                  % protocol.decode_json(payload).get("message", "?"))
+        if ftype != protocol.READY:
+            raise ProtocolError("expected READY, got frame type %d" % ftype)
+        self.ready = protocol.decode_json(payload)
+        return self.ready
+
+    def _next_control(self, deadline: float) -> Tuple[int, bytes]:
+        assert self.conn is not None
+        pending: List[Tuple[int, bytes]] = []
+        while not pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AttachTimeout("the agent did not confirm that tracing is on")
+            self.conn.settimeout(remaining)
+            try:
+                data = self.conn.recv(1 << 16)
+            except socket.timeout:
+                continue
+            if not data:
+                if not _pid_alive(self.pid):
+                    raise TargetExited("process %d exited while attaching" % self.pid)
+                raise InjectionFailed("the agent closed the connection while starting")
+            pending = self.reader.feed(data)
+        ftype, payload = pending[0]
+        self._early = pending[1:]
+        return ftype, payload
+
+    # ---- streaming ----------------------------------------------------------------------
+    def items(self, poll: float = 0.2) -> Iterator[Item]:
+        """Events (and drop markers) until the agent says BYE or the connection ends.
+
+        Raises TargetExited when the target went away, ProtocolError on a corrupt stream."""
+        assert self.conn is not None
+        for ftype, payload in self._early:
+            yield from self._handle(ftype, payload)
+        self._early = []
+        while self.bye is None:
+            self.conn.settimeout(poll)
+            try:
+                data = self.conn.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                if self.stopping and self.bye is None and not _pid_alive(self.pid):
+                    raise TargetExited("process %d exited" % self.pid)
+                if not _pid_alive(self.pid):
+                    raise TargetExited("process %d exited" % self.pid)
+                raise TargetExited("the agent in process %d closed the connection" % self.pid)
+            try:
+                frames = self.reader.feed(data)
+            except protocol.FrameError as exc:
+                raise ProtocolError("corrupt stream from the agent: %s" % exc) from None
+            for ftype, payload in frames:
+                yield from self._handle(ftype, payload)
+
+    def _handle(self, ftype: int, payload: bytes) -> Iterator[Item]:
+        if ftype == protocol.RECORDS:
+            try:
+                yield from self._decode(payload)
+            except (protocol.FrameError, KeyError, TypeError, ValueError) as exc:
+                raise ProtocolError("corrupt record from the agent: %s" % exc) from None
+        elif ftype == protocol.BYE:
+            self.bye = protocol.decode_json(payload)
+        elif ftype == protocol.ERROR:
+            message = protocol.decode_json(payload).get("message", "?")
+            raise InjectionFailed("the agent stopped: %s" % message)
+        else:
+            raise ProtocolError("unexpected frame type %d" % ftype)
+
+    def _decode(self, payload: bytes) -> Iterator[Item]:
+        kinds = protocol.KINDS
+        codes = self.codes
+        threads = self.threads
+        pid = self.pid
+        for rtype, rec in protocol.iter_records(payload):
+            if rtype == protocol.REC_EVENT:
+                kind, thread, code, lineno, depth, ts, arg = rec
+                yield Event(kinds[kind], codes[code], threads[thread], lineno, depth, ts / 1e9,
+                            arg, self.seq, pid)
+                self.seq += 1
+            elif rtype == protocol.REC_CODE:
+                info = dict(rec)
+                info["lines"] = {int(k): v for k, v in info.get("lines", {}).items()}
+                codes[int(info["id"])] = CodeInfo(**info)
+            elif rtype == protocol.REC_THREAD:
+                threads[int(rec["id"])] = ThreadInfo(**rec)
+            elif rtype == protocol.REC_DROP:
+                yield Drop(int(rec), self.seq)
+                self.seq += int(rec)
+
+    def request_stop(self) -> None:
+        """Ask the agent to detach; items() then drains what is in flight and ends at BYE."""
+        if self.conn is None or self.stopping:
+            return
+        self.stopping = True
+        try:
+            self.conn.settimeout(1.0)
+            self.conn.sendall(protocol.encode_frame(protocol.STOP))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for sock in (self.conn, self.listener):
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+        self.conn = self.listener = None
+        shutil.rmtree(self.dir, ignore_errors=True)
