@@ -64,6 +64,8 @@ static uint64_t generation;   /* bumps every session; thread-local state compare
 static struct timespec t0;
 static unsigned long main_ident;
 static PyObject *str_f_trace_lines;
+/* Passed as the trace object, so sys.gettrace()/getprofile() show that we are installed. */
+static PyObject *marker;
 
 /* Per-thread state. A thread's first event of a session resets it (generation differs). */
 typedef struct {
@@ -483,7 +485,7 @@ static PyObject *ha_install(PyObject *self, PyObject *args) {
         s->f = mode == 1 ? ts->c_profilefunc : ts->c_tracefunc;
         s->o = mode == 1 ? ts->c_profileobj : ts->c_traceobj;
         Py_XINCREF(s->o);
-        set_on_thread(ts, tracefunc, NULL);
+        set_on_thread(ts, tracefunc, marker);
         installed++;
     }
     return PyLong_FromLong(installed);
@@ -518,8 +520,8 @@ static PyObject *ha_thread_hook(PyObject *self, PyObject *args) {
     PyObject *frame, *arg;
     const char *what;
     if (!PyArg_ParseTuple(args, "OsO", &frame, &what, &arg)) return NULL;
-    if (trace_mode == 1) PyEval_SetProfile(active ? tracefunc : NULL, NULL);
-    else PyEval_SetTrace(active ? tracefunc : NULL, NULL);
+    if (trace_mode == 1) PyEval_SetProfile(active ? tracefunc : NULL, active ? marker : NULL);
+    else PyEval_SetTrace(active ? tracefunc : NULL, active ? marker : NULL);
     if (active && strcmp(what, "call") == 0)
         tracefunc(NULL, (PyFrameObject *)frame, PyTrace_CALL, NULL);
     Py_RETURN_NONE;
@@ -768,6 +770,7 @@ PyMODINIT_FUNC PyInit__tracer(void) {
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
     str_f_trace_lines = PyUnicode_InternFromString("f_trace_lines");
+    marker = PyUnicode_InternFromString("<hunter-attach tracer>");
 #ifdef HA_SETTRACE
     PyModule_AddStringConstant(m, "BACKEND", "settrace");
 #else

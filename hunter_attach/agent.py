@@ -76,7 +76,8 @@ class Session:
         module = ""
         if frame is not None:
             module = str(frame.f_globals.get("__name__", ""))
-        decision = self.filter.decide(code, module)
+        module_file = frame.f_globals.get("__file__") if frame is not None else None
+        decision = self.filter.decide(code, module, module_file)
         if decision.never:
             return None
         code_id = self.next_code
@@ -88,8 +89,10 @@ class Session:
         return code_id, decision.kinds, program, meta
 
     def code_info(self, code_id: int, code: Any, module: str, frame: Any) -> Dict[str, Any]:
-        filename = code.co_filename
+        """The CODE record: what the CLI needs to render any event of this code object."""
         module_globals = frame.f_globals if frame is not None else None
+        module_file = module_globals.get("__file__") if module_globals is not None else None
+        filename = filters.event_filename(code.co_filename, module_file)
         if filename not in linecache.cache:
             self.linecache_added.add(filename)
         try:
@@ -99,19 +102,24 @@ class Session:
         first = code.co_firstlineno
         last = first
         try:
-            linenos = [line for _, _, line in code.co_lines() if line] if hasattr(
-                code, "co_lines") else []
-            if linenos:
-                last = max(linenos)
+            if hasattr(code, "co_lines"):
+                last = max([line for _, _, line in code.co_lines() if line] or [first])
+            else:  # 3.8/3.9: co_lnotab holds signed line deltas
+                line = first
+                for delta in code.co_lnotab[1::2]:
+                    line += delta - 256 if delta >= 128 else delta
+                    last = max(last, line)
         except Exception:
             pass
         last = min(last, first + MAX_SOURCE_LINES, len(all_lines))
         lines = {str(n): all_lines[n - 1] for n in range(max(first, 1), last + 1)}
         fullsource = ""
+        if frame is not None:
+            fullsource = filters.event_fullsource(filename, frame, first, "call")
         try:
-            fullsource = filters.definition_source(code, module_globals)
+            stdlib = filters.event_stdlib(module, filename)
         except Exception:
-            pass
+            stdlib = False
         return {
             "id": code_id,
             "filename": filename,
@@ -119,7 +127,7 @@ class Session:
             "function": code.co_name,
             "qualname": getattr(code, "co_qualname", code.co_name),
             "firstlineno": first,
-            "stdlib": bool(filters.is_stdlib(filename)),
+            "stdlib": bool(stdlib),
             "lines": lines,
             "fullsource": fullsource,
         }
@@ -157,7 +165,7 @@ class Session:
                     main_ident=self.main_ident)
         if t.BACKEND == "monitoring":
             return self.install_monitoring()
-        kinds = self.filter.kinds
+        kinds = filters.kinds_mask(self.filter.tree)
         mode = 1 if not kinds & ((1 << protocol.LINE) | (1 << protocol.EXCEPTION)) else 0
         self.backend = "profile" if mode else "settrace"
         threading = sys.modules.get("threading")
