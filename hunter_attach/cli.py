@@ -150,6 +150,9 @@ def _stream(session: Session, renderers: List[Any], status: Status, max_events: 
                 status.dropped += item.count
                 for r in renderers:
                     r.drop(item.count, item.seq)
+            else:
+                for r in renderers:
+                    r.flush()
             status.update()
             if end_at is not None and time.monotonic() >= end_at:
                 stop()

@@ -46,7 +46,9 @@ class Drop:
         self.seq = seq
 
 
-Item = Union[Event, Drop]
+# None is a tick: the end of a batch, or a poll interval without data. The CLI flushes its
+# output and checks its timers on ticks.
+Item = Union[Event, Drop, None]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -225,7 +227,8 @@ class Session:
 
     # ---- streaming ----------------------------------------------------------------------
     def items(self, poll: float = 0.2) -> Iterator[Item]:
-        """Events (and drop markers) until the agent says BYE or the connection ends.
+        """Events, drop markers and ticks (None) until the agent says BYE or the connection
+        ends.
 
         Raises TargetExited when the target went away, ProtocolError on a corrupt stream."""
         assert self.conn is not None
@@ -237,12 +240,11 @@ class Session:
             try:
                 data = self.conn.recv(1 << 20)
             except socket.timeout:
+                yield None
                 continue
             except ConnectionResetError:
                 data = b""
             if not data:
-                if self.stopping and self.bye is None and not _pid_alive(self.pid):
-                    raise TargetExited("process %d exited" % self.pid)
                 if not _pid_alive(self.pid):
                     raise TargetExited("process %d exited" % self.pid)
                 raise TargetExited("the agent in process %d closed the connection" % self.pid)
@@ -252,6 +254,7 @@ class Session:
                 raise ProtocolError("corrupt stream from the agent: %s" % exc) from None
             for ftype, payload in frames:
                 yield from self._handle(ftype, payload)
+            yield None
 
     def _handle(self, ftype: int, payload: bytes) -> Iterator[Item]:
         if ftype == protocol.RECORDS:

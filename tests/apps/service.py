@@ -31,9 +31,20 @@ def status():
         "tools": tools,
         "threads": sorted(threads),
         "native_threads": len(os.listdir("/proc/self/task")),
-        "fds": sorted(os.listdir("/proc/self/fd")),
+        "fds": fds(),
         "modules": sorted(m for m in sys.modules if m.startswith("_hunter")),
     }
+
+
+def fds():
+    """Open descriptors and what they point at (without the one listing them)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found[name] = os.readlink("/proc/self/fd/" + name)
+        except OSError:  # the directory handle used by listdir, closed by now
+            pass
+    return found
 
 
 def worker(busy):

@@ -1,0 +1,215 @@
+"""End to end through a real manhole: real target processes, the real CLI, no mocks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from support import (Target, cli, cli_popen, interpreters, json_events, stop, tmp_leftovers,
+                     wait_for_line)
+
+PYTHONS = interpreters()
+
+
+def clean(status: dict) -> bool:
+    return (status["gettrace"] == "None" and status["getprofile"] == "None"
+            and status["tools"] == {} and status["thread_trace"] == "None"
+            and status["thread_profile"] == "None")
+
+
+def same_resources(before: dict, after: dict) -> None:
+    assert after["threads"] == before["threads"]
+    assert after["native_threads"] == before["native_threads"]
+    assert after["fds"] == before["fds"]
+
+
+@pytest.mark.parametrize("version", sorted(PYTHONS))
+def test_manhole_trace_module_every_python(version: str) -> None:
+    """A module query on every interpreter: events arrive, then nothing is left behind."""
+    with Target(PYTHONS[version], "--manhole", "--handler", "exec") as target:
+        before = target.status()
+        leftovers = tmp_leftovers()
+        result = cli("-p", str(target.pid), "--json", "-d", "1", "module=workload")
+        assert result.returncode == 0, result.stderr
+        assert "process %d attached" % target.pid in result.stderr
+        assert "process %d detached" % target.pid in result.stderr
+        events = json_events(result.stdout)
+        assert events and {e["module"] for e in events} == {"workload"}
+        assert {"call", "line", "return", "exception"} <= {e["kind"] for e in events}
+        assert "worker-0" in {e["threadname"] for e in events}  # existed before attach
+        calls = [e for e in events if e["kind"] == "call" and e["function"] == "fib"]
+        assert calls and all(e["filename"].endswith("workload.py") for e in calls)
+        after = target.status()
+        assert clean(after), after
+        same_resources(before, after)
+        assert tmp_leftovers() == leftovers
+
+
+@pytest.mark.parametrize("handler", ["repl", "exec"])
+def test_manhole_activated_by_signal(handler: str) -> None:
+    with Target(PYTHONS[max(PYTHONS)], "--manhole", "--signal", "USR1", "--handler",
+                handler) as target:
+        result = cli("-p", str(target.pid), "-s", "SIGUSR1", "-d", "1", "--color=never",
+                     "module=workload", "function=fib")
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert any("=> fib(n=" in line for line in lines), result.stdout[:2000]
+        assert any("<= fib: " in line for line in lines)
+        assert all("workload.py:" in line for line in lines)
+        assert clean(target.status())
+
+
+def test_ctrl_c_detaches_and_target_runs_on() -> None:
+    with Target(PYTHONS[max(PYTHONS)], "--manhole") as target:
+        before = target.status()
+        proc = cli_popen("-p", str(target.pid), "--json", "module=workload")
+        try:
+            wait_for_line(proc, '"kind"')
+            start = time.monotonic()
+            stop(proc, signal.SIGINT)
+            detach_time = time.monotonic() - start
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0
+        assert proc.stderr is not None
+        assert "process %d detached" % target.pid in proc.stderr.read()
+        assert detach_time < 2
+        after = target.status()
+        assert clean(after), after
+        same_resources(before, after)
+        assert target.alive()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_detach_cleanly(sig: int) -> None:
+    with Target(PYTHONS[max(PYTHONS)], "--manhole") as target:
+        proc = cli_popen("-p", str(target.pid), "--json", "module=workload")
+        wait_for_line(proc, '"kind"')
+        stop(proc, sig)
+        assert proc.returncode == 0
+        assert clean(target.status())
+
+
+@pytest.mark.parametrize("version", ["3.8", "3.11", "3.13"])
+def test_cli_killed_agent_removes_itself_within_1s(version: str) -> None:
+    if version not in PYTHONS:
+        pytest.skip("CPython %s is not installed" % version)
+    with Target(PYTHONS[version], "--manhole") as target:
+        proc = cli_popen("-p", str(target.pid), "--json", "module=workload")
+        wait_for_line(proc, '"kind"')
+        assert not clean(target.status())  # tracing is on
+        proc.kill()
+        proc.wait()
+        killed = time.monotonic()
+        while not clean(target.status()):
+            assert time.monotonic() - killed < 1.0, "tracer still installed after 1 s"
+            time.sleep(0.02)
+        assert target.alive()
+        assert tmp_leftovers() == [] or all(
+            not os.path.exists(os.path.join(d, "s")) for d in tmp_leftovers())
+
+
+def test_target_exits_mid_trace() -> None:
+    with Target(PYTHONS[max(PYTHONS)], "--manhole") as target:
+        proc = cli_popen("-p", str(target.pid), "--json", "module=workload")
+        wait_for_line(proc, '"kind"')
+        target.proc.kill()
+        target.proc.wait()
+        exited = time.monotonic()
+        proc.wait(5)
+        assert time.monotonic() - exited < 2
+        assert proc.returncode == 8
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "exited" in err and "Traceback" not in err
+
+
+def test_reattach_sessions_are_independent() -> None:
+    with Target(PYTHONS[max(PYTHONS)], "--manhole") as target:
+        outputs = []
+        for _ in range(3):
+            result = cli("-p", str(target.pid), "--json", "--max-events", "50",
+                         "module=workload", "function=fib")
+            assert result.returncode == 0, result.stderr
+            events = json_events(result.stdout)
+            assert len(events) == 50
+            # every session counts depth from its own start: the worker's loop (running before
+            # attach) calls tick() at depth 0, which calls fib() at depth 1
+            assert min(e["depth"] for e in events if e["kind"] == "call") == 1
+            outputs.append(events)
+        assert clean(target.status())
+
+
+def test_no_manhole_socket() -> None:
+    with Target(PYTHONS[max(PYTHONS)]) as target:
+        result = cli("-p", str(target.pid), "module=workload")
+        assert result.returncode == 5
+        assert "no manhole socket" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_manhole_signal_timeout() -> None:
+    # SIGWINCH is ignored by default: the signal arrives, no socket ever appears.
+    with Target(PYTHONS[max(PYTHONS)]) as target:
+        start = time.monotonic()
+        result = cli("-p", str(target.pid), "-s", "WINCH", "-t", "0.5", "module=workload")
+        assert result.returncode == 6, result.stderr
+        assert time.monotonic() - start < 10
+        assert "Traceback" not in result.stderr
+        assert target.alive()
+
+
+HOSTILE = [
+    "module=x\nimport os; os.system('touch {marker}')",
+    "module=\"x'); __import__('os').system('touch {marker}'); ('\"",
+    "__import__('os').system('touch {marker}')",
+    "Q(module=__import__('os').system('touch {marker}'))",
+    "module=x'''; open('{marker}', 'w')",
+    "function_regex=(?P<x>",
+]
+
+
+@pytest.mark.parametrize("template", HOSTILE)
+def test_hostile_query_executes_nothing(template: str, tmp_path) -> None:
+    marker = str(tmp_path / "pwned")
+    with Target(PYTHONS[max(PYTHONS)], "--manhole") as target:
+        result = cli("-p", str(target.pid), "-d", "0.5", template.format(marker=marker))
+        assert not os.path.exists(marker)
+        if result.returncode == 0:
+            # it parsed as data (a strange module name): it matched nothing and ran nothing
+            assert result.stdout == ""
+        else:
+            assert result.returncode == 2, result.stderr
+            assert "attached" not in result.stderr
+            assert target.status()["modules"] == []  # nothing was ever sent
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("pid_kind", ["dead", "zombie", "not-python"])
+def test_pid_errors(pid_kind: str) -> None:
+    if pid_kind == "dead":
+        p = subprocess.Popen(["true"])
+        p.wait()
+        pid, expected = p.pid, "no process"
+    elif pid_kind == "zombie":
+        p = subprocess.Popen(["true"])
+        time.sleep(0.2)
+        pid, expected = p.pid, "zombie"
+    else:
+        p = subprocess.Popen(["sleep", "30"])
+        pid, expected = p.pid, "not a CPython"
+    try:
+        for extra in ([], ["--gdb"]):
+            result = cli("-p", str(pid), *extra, "module=x")
+            assert result.returncode == 3, result.stderr
+            assert expected in result.stderr
+            assert "Traceback" not in result.stderr
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
