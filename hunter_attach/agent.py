@@ -73,11 +73,10 @@ class Session:
 
     # ---- callbacks from the C tracer (tracing is off while they run) ----------------------
     def decide(self, code: Any, frame: Any) -> Optional[Tuple[int, int, Any, bytes]]:
-        module = ""
-        if frame is not None:
-            module = str(frame.f_globals.get("__name__", ""))
+        name = frame.f_globals.get("__name__", "") if frame is not None else ""
         module_file = frame.f_globals.get("__file__") if frame is not None else None
-        decision = self.filter.decide(code, module, module_file)
+        decision = self.filter.decide(code, name, module_file)  # hunter's rules for odd names
+        module = "?" if name is None else str(name)
         if decision.never:
             return None
         code_id = self.next_code
@@ -286,6 +285,8 @@ def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
                 break
             break  # socket error or stalled consumer: the CLI is gone
         session.uninstall()
+        if not graceful:
+            _remove_session_dir(config.get("session_dir"))
         if graceful:
             tracer.stop_pump(True)
             tracer.pump(sock.fileno(), 0, 2000)
@@ -312,6 +313,20 @@ def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
         except BaseException:
             pass
         _session_lock.release()
+
+
+def _remove_session_dir(path: Any) -> None:
+    """The CLI died (SIGKILL): remove what it would have removed, its private directory holding
+    the tracer's copy, so nothing stale stays in /tmp."""
+    if not isinstance(path, str) or not os.path.basename(path).startswith("hunter-attach-"):
+        return
+    try:
+        for name in os.listdir(path):
+            if name == "s" or name.startswith(("_tracer", "_helper")):
+                os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _install_fork_hook() -> None:

@@ -82,7 +82,10 @@ def _boot(path, token):
         except BaseException:
             pass
 try:
-    _thread.start_new_thread(_boot, (PATH, TOKEN))
+    # A second delivery (gdb queues a pending call that may run much later) finds the socket
+    # gone, because the first connection consumed it, and does nothing.
+    if __import__('os').path.exists(PATH):
+        _thread.start_new_thread(_boot, (PATH, TOKEN))
 except BaseException:
     pass
 '''
@@ -98,5 +101,6 @@ def render(socket_path: str, token: str) -> str:
     even a bug elsewhere cannot turn them into code."""
     if not _SAFE_PATH.match(socket_path) or not _SAFE_TOKEN.match(token):
         raise ValueError("unsafe bootstrap parameters")
-    source = _TEMPLATE.replace("PATH, TOKEN", "%r, %r" % (socket_path, token))
+    source = _TEMPLATE.replace("(PATH)", "(%r)" % socket_path).replace(
+        "(PATH, TOKEN)", "(%r, %r)" % (socket_path, token))
     return "exec(%r, {'__name__': '_hunter_attach_boot'})" % source

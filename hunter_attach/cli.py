@@ -65,7 +65,8 @@ def _inject(target: target_mod.Target, session: Session, use_gdb: bool, sig: Opt
     if use_gdb:
         from .inject import gdb
 
-        how = gdb.inject(target.pid, session.bootstrap_code, timeout=timeout, log=log)
+        how = gdb.inject(target.pid, session.bootstrap_code, timeout=timeout, log=log,
+                         helper_lib=session.helper_library(target.uid, target.same_mount_ns))
         log("bootstrap delivered by gdb (%s)" % how)
         return lambda: None
     from .inject import manhole

@@ -51,6 +51,19 @@ class Drop:
 Item = Union[Event, Drop, None]
 
 
+def _world_readable(path: str) -> bool:
+    """Can any user open path (every directory on the way searchable)?"""
+    import stat
+
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        mode = os.stat(os.sep.join(parts[:i]) or "/").st_mode
+        needed = stat.S_IROTH if i == len(parts) else stat.S_IXOTH
+        if not mode & needed:
+            return False
+    return True
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -69,7 +82,6 @@ class Session:
     def __init__(self, pid: int, uid: int, root: str, config: Dict[str, Any],
                  tracer: Optional[Tracer], log: Callable[[str], None]) -> None:
         self.pid = pid
-        self.config = config
         self.tracer = tracer
         self.log = log
         self.token = secrets.token_hex(16)
@@ -78,6 +90,7 @@ class Session:
         tmp_root = os.path.join(root, "tmp") if root != "/" else tempfile.gettempdir()
         self.dir = tempfile.mkdtemp(prefix="hunter-attach-", dir=tmp_root)
         self.target_dir = self.dir[len(root):] if root != "/" else self.dir
+        self.config = dict(config, session_dir=self.target_dir)
         self.listener: Optional[socket.socket] = None
         self.conn: Optional[socket.socket] = None
         self.reader = protocol.FrameReader()
@@ -100,6 +113,20 @@ class Session:
         except BaseException:
             self.close()
             raise
+
+    def helper_library(self, uid: int, same_mount_ns: bool) -> str:
+        """The injection helper's path as the target sees it. The installed one when the target
+        can open it (loading the same path again reuses the mapping); else a copy in the
+        session directory, which is the target's own and gone at the end."""
+        found = sorted(_PKG_DIR.joinpath("inject").glob("_helper*.so"))
+        if not found:
+            from .inject import gdb
+
+            return gdb.build_helper(self.dir)
+        if same_mount_ns and (uid == os.geteuid() or _world_readable(str(found[0]))):
+            return str(found[0])
+        shutil.copyfile(found[0], os.path.join(self.dir, "_helper.so"))
+        return os.path.join(self.target_dir, "_helper.so")
 
     @property
     def bootstrap_code(self) -> str:

@@ -143,7 +143,8 @@ def json_events(stdout: str) -> List[Dict[str, Any]]:
 
 
 def tmp_leftovers() -> List[str]:
-    return sorted(glob.glob(os.path.join(tempfile.gettempdir(), "hunter-attach-*")))
+    """Session directories (hunter-attach-XXXXXXXX) in /tmp."""
+    return sorted(glob.glob(os.path.join(tempfile.gettempdir(), "hunter-attach-????????")))
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 10) -> None:

@@ -1,0 +1,87 @@
+"""End to end with --gdb: real targets that did nothing to prepare, real gdb, the real CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+
+from support import Target, cli, cli_popen, interpreters, json_events, stop, tmp_leftovers
+from support import wait_for_line
+from test_e2e_manhole import clean, same_resources
+
+PYTHONS = interpreters()
+pytestmark = pytest.mark.gdb
+
+
+@pytest.mark.parametrize("version", sorted(PYTHONS))
+def test_gdb_attach_every_python(version: str) -> None:
+    """The main thread is blocked reading stdin, a worker existed before attach."""
+    with Target(PYTHONS[version]) as target:
+        before = target.status()
+        leftovers = tmp_leftovers()
+        result = cli("-p", str(target.pid), "--gdb", "--json", "-d", "1", "module=workload",
+                     "kind_in=call,return,exception")
+        assert result.returncode == 0, result.stderr
+        assert "process %d attached" % target.pid in result.stderr
+        events = json_events(result.stdout)
+        assert {e["kind"] for e in events} == {"call", "return", "exception"}
+        assert {e["threadname"] for e in events} == {"worker-0"}
+        # a call carries its caller's depth and its return the same one
+        fib = [e for e in events if e["function"] == "fib"]
+        assert fib and all(e["depth"] >= 1 for e in fib)
+        after = target.status()
+        assert clean(after), after
+        same_resources(before, after)
+        assert tmp_leftovers() == leftovers
+        assert "Traceback" not in result.stderr
+
+
+def test_gdb_isolated_target_without_our_package() -> None:
+    """`python -I` from an interpreter with nothing of ours installed."""
+    python = PYTHONS.get("3.10") or PYTHONS[min(PYTHONS)]
+    with Target(python, isolated=True) as target:
+        result = cli("-p", str(target.pid), "--gdb", "--json", "--max-events", "20",
+                     "module=workload")
+        assert result.returncode == 0, result.stderr
+        assert len(json_events(result.stdout)) == 20
+        status = target.status()
+        assert clean(status)
+        # the agent lives in its own private package, not on sys.path
+        assert status["modules"] and all(m.startswith("_hunter_attach") for m in status["modules"])
+
+
+def test_gdb_ctrl_c() -> None:
+    with Target(PYTHONS[max(PYTHONS)]) as target:
+        proc = cli_popen("-p", str(target.pid), "--gdb", "--json", "module=workload")
+        wait_for_line(proc, '"kind"')
+        stop(proc, signal.SIGINT)
+        assert proc.returncode == 0
+        assert clean(target.status())
+
+
+def test_gdb_missing(tmp_path) -> None:
+    with Target(PYTHONS[max(PYTHONS)]) as target:
+        env = {"PATH": str(tmp_path)}
+        result = cli("-p", str(target.pid), "--gdb", "module=workload", env=env)
+        assert result.returncode == 5, result.stderr
+        assert "gdb" in result.stderr and "install" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert target.alive()
+
+
+def test_pipe_closed_by_head() -> None:
+    """`hunter-trace ... | head -5`: exits cleanly and leaves the target untraced."""
+    import subprocess
+
+    with Target(PYTHONS[max(PYTHONS)], "--threads", "2") as target:
+        cmd = "%s -m hunter_attach -p %d --gdb | head -5" % (sys.executable, target.pid)
+        result = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True,
+                                text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(
+                                    os.path.abspath(__file__))))
+        assert len(result.stdout.splitlines()) == 5
+        assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+        assert result.returncode == 0, result.stderr
+        assert clean(target.status())
