@@ -529,61 +529,172 @@ static PyObject *ha_thread_hook(PyObject *self, PyObject *args) {
 #endif /* HA_SETTRACE */
 
 /* ---- sys.monitoring backend (3.12+) -------------------------------------------------------
- * The agent registers these with sys.monitoring.register_callback(). Depth follows settrace:
- * PY_START/PY_RESUME/PY_THROW open a level, PY_RETURN/PY_YIELD/PY_UNWIND close one. */
+ * The agent registers these with sys.monitoring.register_callback(). Two ways to know depth:
+ *
+ * - counting (queries that use `calls` or From): every PY_START/PY_RESUME/PY_THROW opens a level
+ *   and every PY_RETURN/PY_YIELD/PY_UNWIND closes one, exactly as settrace counts. Every call
+ *   of every code object reaches us.
+ * - walking (everything else): code that can never match gets DISABLE on its first event and
+ *   then runs at full speed. A matched event's depth is the number of its frame's ancestors
+ *   that were entered after attach: we walk f_back until a frame that was on the stack at
+ *   attach (the `preexisting` set) or a thread's bootstrap frame, which is where settrace-based
+ *   tracing starts in a new thread. That equals the count above.
+ *
+ * Only PY_START, PY_RESUME, PY_RETURN, PY_YIELD and LINE may return DISABLE; CPython raises
+ * into the target for the others, so those callbacks never do. */
 #ifndef HA_SETTRACE
+static int walk_mode;
+static PyObject *preexisting;  /* set of frame objects on some stack at attach */
+static PyObject *boot_codes;   /* tuple: threading's _bootstrap and _bootstrap_inner codes */
+static PyObject *disable_obj;  /* sys.monitoring.DISABLE */
+
 static PyObject *current_frame(void) { return (PyObject *)PyEval_GetFrame(); }
 
-static int line_of(PyObject *code, PyObject *frame) {
-    (void)code;
+static int line_of(PyObject *frame) {
     return frame ? PyFrame_GetLineNumber((PyFrameObject *)frame) : 0;
 }
 
-static PyObject *mon_enter(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    if (active && n >= 2 && thread_enter()) {
-        PyObject *frame = current_frame();
-        on_event(args[0], frame, K_CALL, line_of(args[0], frame), NULL);
-        T.depth++;
-        T.calls++;
+static int is_base(PyFrameObject *f) {
+    if (preexisting && PySet_Contains(preexisting, (PyObject *)f) == 1) return 1;
+    if (boot_codes) {
+        PyCodeObject *c = PyFrame_GetCode(f);
+        int hit = 0;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(boot_codes); i++)
+            hit |= PyTuple_GET_ITEM(boot_codes, i) == (PyObject *)c;
+        Py_DECREF(c);
+        return hit;
     }
+    return 0;
+}
+
+static uint32_t walked_depth(PyObject *frame, int kind) {
+    if (!frame || is_base((PyFrameObject *)frame)) return 0;
+    uint32_t n = 0;
+    PyFrameObject *f = PyFrame_GetBack((PyFrameObject *)frame);
+    while (f) {
+        if (is_base(f)) { Py_DECREF(f); break; }
+        n++;
+        PyFrameObject *back = PyFrame_GetBack(f);
+        Py_DECREF(f);
+        f = back;
+    }
+    return kind == K_LINE || kind == K_EXCEPTION ? n + 1 : n;
+}
+
+/* In walk mode: should this code's events of `kind` be disabled? Looks the code up (asking
+ * the agent on first sight) and, when they can match, sets T.depth for on_event. */
+static int walk_prepare(PyObject *code, PyObject *frame, int kind) {
+    entry_t *e = lookup(code, frame);
+    if (!e || !e->id || !((e->kinds >> kind) & 1)) return 1;
+    T.depth = walked_depth(frame, kind);
+    return 0;
+}
+
+static PyObject *disable(void) { return Py_NewRef(disable_obj); }
+
+/* PY_START, PY_RESUME (code, offset) */
+static PyObject *mon_start(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (!active || n < 2 || !thread_enter()) Py_RETURN_NONE;
+    PyObject *frame = current_frame();
+    if (walk_mode) {
+        if (walk_prepare(args[0], frame, K_CALL)) return disable();
+        on_event(args[0], frame, K_CALL, line_of(frame), NULL);
+        Py_RETURN_NONE;
+    }
+    on_event(args[0], frame, K_CALL, line_of(frame), NULL);
+    T.depth++;
+    T.calls++;
     Py_RETURN_NONE;
 }
 
-static PyObject *mon_leave(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    if (active && n >= 3 && thread_enter()) {
-        if (T.depth > 0) T.depth--;
-        PyObject *frame = current_frame();
-        /* PY_UNWIND passes the exception; settrace reports such a return with None */
-        PyObject *value = PyExceptionInstance_Check(args[2]) ? Py_None : args[2];
-        on_event(args[0], frame, K_RETURN, line_of(args[0], frame), value);
+/* PY_THROW (code, offset, exception): a call that cannot be disabled */
+static PyObject *mon_throw(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (!active || n < 3 || !thread_enter()) Py_RETURN_NONE;
+    PyObject *frame = current_frame();
+    if (walk_mode) {
+        if (!walk_prepare(args[0], frame, K_CALL))
+            on_event(args[0], frame, K_CALL, line_of(frame), NULL);
+        Py_RETURN_NONE;
     }
+    on_event(args[0], frame, K_CALL, line_of(frame), NULL);
+    T.depth++;
+    T.calls++;
     Py_RETURN_NONE;
 }
 
+static void leave(PyObject *code, PyObject *value) {
+    PyObject *frame = current_frame();
+    if (!walk_mode && T.depth > 0) T.depth--;
+    on_event(code, frame, K_RETURN, line_of(frame), value);
+}
+
+/* PY_RETURN, PY_YIELD (code, offset, value) */
+static PyObject *mon_return(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (!active || n < 3 || !thread_enter()) Py_RETURN_NONE;
+    if (walk_mode && walk_prepare(args[0], current_frame(), K_RETURN)) return disable();
+    leave(args[0], args[2]);
+    Py_RETURN_NONE;
+}
+
+/* PY_UNWIND (code, offset, exception): settrace reports this return with None */
+static PyObject *mon_unwind(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (!active || n < 3 || !thread_enter()) Py_RETURN_NONE;
+    if (walk_mode && walk_prepare(args[0], current_frame(), K_RETURN)) Py_RETURN_NONE;
+    leave(args[0], Py_None);
+    Py_RETURN_NONE;
+}
+
+/* RAISE (code, offset, exception) */
 static PyObject *mon_raise(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    if (active && n >= 3 && thread_enter()) {
-        PyObject *frame = current_frame();
-        PyObject *exc = args[2];
-        PyObject *tb = PyException_GetTraceback(exc);
-        PyObject *tup = PyTuple_Pack(3, (PyObject *)Py_TYPE(exc), exc, tb ? tb : Py_None);
-        Py_XDECREF(tb);
-        if (tup) {
-            on_event(args[0], frame, K_EXCEPTION, line_of(args[0], frame), tup);
-            Py_DECREF(tup);
-        }
-        PyErr_Clear();
+    if (!active || n < 3 || !thread_enter()) Py_RETURN_NONE;
+    PyObject *frame = current_frame();
+    if (walk_mode && walk_prepare(args[0], frame, K_EXCEPTION)) Py_RETURN_NONE;
+    PyObject *exc = args[2];
+    PyObject *tb = PyException_GetTraceback(exc);
+    PyObject *tup = PyTuple_Pack(3, (PyObject *)Py_TYPE(exc), exc, tb ? tb : Py_None);
+    Py_XDECREF(tb);
+    if (tup) {
+        on_event(args[0], frame, K_EXCEPTION, line_of(frame), tup);
+        Py_DECREF(tup);
     }
+    PyErr_Clear();
     Py_RETURN_NONE;
 }
 
+/* LINE (code, line_number): enabled only on code objects whose lines can match */
 static PyObject *mon_line(PyObject *self, PyObject *const *args, Py_ssize_t n) {
-    if (active && n >= 2 && thread_enter()) {
-        int line = (int)PyLong_AsLong(args[1]);
-        on_event(args[0], current_frame(), K_LINE, line, NULL);
-        PyErr_Clear();
-    }
+    if (!active || n < 2 || !thread_enter()) Py_RETURN_NONE;
+    int line = (int)PyLong_AsLong(args[1]);
+    PyErr_Clear();
+    PyObject *frame = current_frame();
+    if (walk_mode && walk_prepare(args[0], frame, K_LINE)) return disable();
+    on_event(args[0], frame, K_LINE, line, NULL);
     Py_RETURN_NONE;
 }
+
+/* mon_configure(walk, disable, preexisting, boot_codes): call after configure(). */
+static PyObject *ha_mon_configure(PyObject *self, PyObject *args) {
+    int walk;
+    PyObject *dis, *pre, *boot;
+    if (!PyArg_ParseTuple(args, "pOOO!", &walk, &dis, &pre, &PyTuple_Type, &boot)) return NULL;
+    if (walk && !PyAnySet_Check(pre)) {
+        PyErr_SetString(PyExc_TypeError, "preexisting must be a set");
+        return NULL;
+    }
+    walk_mode = walk;
+    Py_XSETREF(disable_obj, Py_NewRef(dis));
+    Py_XSETREF(preexisting, walk ? Py_NewRef(pre) : NULL);
+    Py_XSETREF(boot_codes, Py_NewRef(boot));
+    Py_RETURN_NONE;
+}
+
+static void mon_reset(void) {
+    walk_mode = 0;
+    Py_CLEAR(preexisting);
+    Py_CLEAR(boot_codes);
+}
+#else
+static void mon_reset(void) {}
 #endif
 
 /* ---- session control ---------------------------------------------------------------------- */
@@ -638,6 +749,7 @@ static PyObject *ha_reset(PyObject *self, PyObject *unused) {
     active = 0;
     generation++;
     cache_clear();
+    mon_reset();
     Py_CLEAR(cb_decide);
     Py_CLEAR(cb_thread);
     Py_CLEAR(cb_fmt);
@@ -757,8 +869,12 @@ static PyMethodDef methods[] = {
     {"uninstall", ha_uninstall, METH_NOARGS, "Restore every thread's previous function."},
     {"thread_hook", ha_thread_hook, METH_VARARGS, "threading.settrace hook for new threads."},
 #else
-    {"mon_enter", (PyCFunction)(void (*)(void))mon_enter, METH_FASTCALL, "PY_START/RESUME/THROW"},
-    {"mon_leave", (PyCFunction)(void (*)(void))mon_leave, METH_FASTCALL, "PY_RETURN/YIELD/UNWIND"},
+    {"mon_configure", ha_mon_configure, METH_VARARGS,
+     "mon_configure(walk, DISABLE, preexisting frames, bootstrap codes)"},
+    {"mon_start", (PyCFunction)(void (*)(void))mon_start, METH_FASTCALL, "PY_START, PY_RESUME"},
+    {"mon_throw", (PyCFunction)(void (*)(void))mon_throw, METH_FASTCALL, "PY_THROW"},
+    {"mon_return", (PyCFunction)(void (*)(void))mon_return, METH_FASTCALL, "PY_RETURN, PY_YIELD"},
+    {"mon_unwind", (PyCFunction)(void (*)(void))mon_unwind, METH_FASTCALL, "PY_UNWIND"},
     {"mon_raise", (PyCFunction)(void (*)(void))mon_raise, METH_FASTCALL, "RAISE"},
     {"mon_line", (PyCFunction)(void (*)(void))mon_line, METH_FASTCALL, "LINE"},
 #endif

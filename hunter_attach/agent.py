@@ -16,7 +16,7 @@ import linecache
 import os
 import socket
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import filters, protocol, saferepr
 
@@ -30,6 +30,16 @@ MAX_SOURCE_LINES = 400
 
 class AgentError(Exception):
     """A failure the CLI should show the user as is."""
+
+
+def _needs_counting(tree: Dict[str, Any]) -> bool:
+    """Does the query need every call counted (`calls`, or From's relative depth)? Then the
+    sys.monitoring backend cannot disable code that never matches."""
+    if tree.get("op") == "from" or tree.get("field") == "calls":
+        return True
+    children = list(tree.get("args", ())) + [tree[k] for k in ("arg", "condition", "predicate")
+                                             if isinstance(tree.get(k), dict)]
+    return any(_needs_counting(child) for child in children)
 
 
 def _main_ident() -> int:
@@ -69,6 +79,8 @@ class Session:
         self.tool_id: Optional[int] = None
         self.previous_thread_hook: Any = None
         self.enable_lines: Any = None
+        self.registered: List[int] = []
+        self.lined_codes: List[Any] = []
         self.mode = 0
 
     # ---- callbacks from the C tracer (tracing is off while they run) ----------------------
@@ -191,22 +203,44 @@ class Session:
             raise AgentError("all sys.monitoring tool ids are in use by other tools")
         E = mon.events
         t = self.tracer
-        callbacks = [
-            (E.PY_START, t.mon_enter), (E.PY_RESUME, t.mon_enter), (E.PY_THROW, t.mon_enter),
-            (E.PY_RETURN, t.mon_leave), (E.PY_YIELD, t.mon_leave), (E.PY_UNWIND, t.mon_leave),
-            (E.RAISE, t.mon_raise), (E.LINE, t.mon_line),
-        ]
+        kinds = filters.kinds_mask(self.filter.tree)
+        walk = not _needs_counting(self.filter.tree)
+        wanted = []
+        if walk is False or kinds & (1 << protocol.CALL):
+            wanted += [(E.PY_START, t.mon_start), (E.PY_RESUME, t.mon_start),
+                       (E.PY_THROW, t.mon_throw)]
+        if walk is False or kinds & (1 << protocol.RETURN):
+            wanted += [(E.PY_RETURN, t.mon_return), (E.PY_YIELD, t.mon_return),
+                       (E.PY_UNWIND, t.mon_unwind)]
+        if kinds & (1 << protocol.EXCEPTION):
+            wanted.append((E.RAISE, t.mon_raise))
+        preexisting = set()
+        if walk:
+            # Frames on some stack now: depth counts only frames entered after this point.
+            for ident, top in sys._current_frames().items():
+                frame: Any = top
+                while frame is not None and ident != self.my_ident:
+                    preexisting.add(frame)
+                    frame = frame.f_back
+        threading = sys.modules.get("threading")
+        boot = ()
+        if threading is not None:
+            boot = tuple(getattr(threading.Thread, name).__code__
+                         for name in ("_bootstrap", "_bootstrap_inner"))
+        t.mon_configure(walk, mon.DISABLE, preexisting, boot)
+        mon.register_callback(self.tool_id, E.LINE, t.mon_line)
         events = 0
-        for event, func in callbacks:
+        for event, func in wanted:
             mon.register_callback(self.tool_id, event, func)
-            if event != E.LINE:
-                events |= event
+            events |= event
+        self.registered = [E.LINE] + [event for event, _ in wanted]
         self.backend = "monitoring"
         tool_id = self.tool_id
 
         def enable_lines(code: Any) -> None:
             # LINE is enabled per code object, only where a line event can match.
             mon.set_local_events(tool_id, code, E.LINE)
+            self.lined_codes.append(code)
 
         self.enable_lines = enable_lines
         mon.set_events(self.tool_id, events)
@@ -220,11 +254,10 @@ class Session:
             mon = sys.monitoring  # type: ignore[attr-defined]
             if self.tool_id is not None and mon.get_tool(self.tool_id) == "hunter-attach":
                 mon.set_events(self.tool_id, 0)
-                for event in range(0, 20):
-                    try:
-                        mon.register_callback(self.tool_id, 1 << event, None)
-                    except ValueError:
-                        pass
+                for code in self.lined_codes:
+                    mon.set_local_events(self.tool_id, code, 0)
+                for event in self.registered:
+                    mon.register_callback(self.tool_id, event, None)
                 mon.free_tool_id(self.tool_id)
         elif self.backend:
             threading = sys.modules.get("threading")

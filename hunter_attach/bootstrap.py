@@ -49,7 +49,7 @@ def _boot(path, token):
             raise ValueError('unexpected frame %d from the CLI' % ftype)
         load = json.loads(recv(length).decode())
         if load['package_hash'] != getattr(pkg, '__hunter_attach_hash__', None):
-            for name in [n for n in sys.modules if n == '_hunter_attach' or n.startswith('_hunter_attach.')]:
+            for name in [n for n in sys.modules if n.split('.')[0] == '_hunter_attach']:
                 del sys.modules[name]
             pkg = types.ModuleType('_hunter_attach')
             pkg.__path__ = []
@@ -62,7 +62,8 @@ def _boot(path, token):
                 setattr(pkg, name, mod)
                 exec(compile(source, '<hunter_attach/%s.py>' % name, 'exec'), mod.__dict__)
             pkg.__hunter_attach_hash__ = load['package_hash']
-        if load['tracer'] and getattr(tracer, '__hunter_attach_hash__', None) != load['tracer_hash']:
+        have = getattr(tracer, '__hunter_attach_hash__', None)
+        if load['tracer'] and have != load['tracer_hash']:
             spec = importlib.util.spec_from_file_location('_hunter_attach._tracer', load['tracer'])
             tracer = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(tracer)

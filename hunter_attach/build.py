@@ -74,7 +74,8 @@ def tracer_for(version: tuple, exe: str, log: Callable[[str], None]) -> Optional
 
     Returns None when no tracer can be had; ``log`` says why."""
     installed = _installed()
-    if installed is not None and tuple(version[:2]) == sys.version_info[:2] and exe == sys.executable:
+    same_minor = tuple(version[:2]) == sys.version_info[:2]
+    if installed is not None and same_minor and exe == sys.executable:
         return Tracer(str(installed), _digest(installed))
     try:
         info = probe_interpreter(exe)

@@ -15,8 +15,10 @@ from typing import Any, Callable, List, Optional, Sequence, TextIO
 
 import click
 
-from . import build, query as query_mod, target as target_mod
-from .errors import HunterAttachError, InjectionFailed, QueryError, TargetExited
+from . import build
+from . import query as query_mod
+from . import target as target_mod
+from .errors import HunterAttachError, InjectionFailed, QueryError
 from .events import Event
 from .render import RenderOptions, make_renderers
 from .session import Drop, Session

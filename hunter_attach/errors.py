@@ -1,7 +1,7 @@
-"""The error hierarchy: every failure the CLI can report, with its exit code and a fix-it hint.
+"""The error hierarchy: every failure the CLI reports, with its exit code and a fix-it hint.
 
-The CLI catches :class:`HunterAttachError` at the top and prints ``hunter-trace: <message>`` plus the
-hint, never a traceback. The exit codes are documented in the README ("Exit codes").
+The CLI catches :class:`HunterAttachError` at the top and prints ``hunter-trace: <message>`` plus
+the hint, never a traceback. The exit codes are documented in the README ("Exit codes").
 """
 
 from __future__ import annotations

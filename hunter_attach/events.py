@@ -6,8 +6,8 @@ those shared objects, so decoding an event is one struct unpack and two dict loo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import json
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 

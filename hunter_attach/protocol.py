@@ -98,7 +98,8 @@ class FrameReader:
         while len(buf) - pos >= FRAME_HEADER.size:
             length, ftype = FRAME_HEADER.unpack_from(buf, pos)
             if length > self._max:
-                raise FrameError("frame of %d bytes exceeds the %d byte limit" % (length, self._max))
+                raise FrameError("frame of %d bytes exceeds the %d byte limit"
+                                 % (length, self._max))
             if ftype not in FRAME_NAMES:
                 raise FrameError("unknown frame type %d" % ftype)
             end = pos + FRAME_HEADER.size + length

@@ -78,6 +78,16 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _exits_soon(pid: int, wait: float = 0.5) -> bool:
+    """A dying process closes its sockets before it becomes a zombie: give it a moment."""
+    end = time.monotonic() + wait
+    while _pid_alive(pid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 class Session:
     def __init__(self, pid: int, uid: int, root: str, config: Dict[str, Any],
                  tracer: Optional[Tracer], log: Callable[[str], None]) -> None:
@@ -272,7 +282,7 @@ class Session:
             except ConnectionResetError:
                 data = b""
             if not data:
-                if not _pid_alive(self.pid):
+                if _exits_soon(self.pid):
                     raise TargetExited("process %d exited" % self.pid)
                 raise TargetExited("the agent in process %d closed the connection" % self.pid)
             try:

@@ -97,7 +97,7 @@ class Target:
             if stream is not None:
                 stream.close()
 
-    def __enter__(self) -> "Target":
+    def __enter__(self) -> Target:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -107,13 +107,13 @@ class Target:
 def cli(*args: str, timeout: float = 60, env: Optional[Dict[str, str]] = None
         ) -> subprocess.CompletedProcess:
     """Run hunter-trace to completion."""
-    full_env = dict(os.environ, **(env or {}))
+    full_env = dict(os.environ, TMPDIR=CLI_TMP, **(env or {}))
     return subprocess.run([sys.executable, "-m", "hunter_attach"] + list(args), cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 def cli_popen(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
-    full_env = dict(os.environ, **(env or {}))
+    full_env = dict(os.environ, TMPDIR=CLI_TMP, **(env or {}))
     return subprocess.Popen([sys.executable, "-m", "hunter_attach"] + list(args), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env)
@@ -142,9 +142,14 @@ def json_events(stdout: str) -> List[Dict[str, Any]]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
+# The CLIs run by the tests keep their session directories here (TMPDIR), so that what a test
+# leaves behind is not confused with another test run's on the same machine.
+CLI_TMP = tempfile.mkdtemp(prefix="ha-test-tmp-")
+
+
 def tmp_leftovers() -> List[str]:
-    """Session directories (hunter-attach-XXXXXXXX) in /tmp."""
-    return sorted(glob.glob(os.path.join(tempfile.gettempdir(), "hunter-attach-????????")))
+    """Whatever the CLIs left in their temp directory."""
+    return sorted(os.listdir(CLI_TMP))
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 10) -> None:

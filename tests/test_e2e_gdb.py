@@ -7,9 +7,16 @@ import signal
 import sys
 
 import pytest
-
-from support import Target, cli, cli_popen, interpreters, json_events, stop, tmp_leftovers
-from support import wait_for_line
+from support import (
+    Target,
+    cli,
+    cli_popen,
+    interpreters,
+    json_events,
+    stop,
+    tmp_leftovers,
+    wait_for_line,
+)
 from test_e2e_manhole import clean, same_resources
 
 PYTHONS = interpreters()

@@ -8,9 +8,16 @@ import subprocess
 import time
 
 import pytest
-
-from support import (Target, cli, cli_popen, interpreters, json_events, stop, tmp_leftovers,
-                     wait_for_line)
+from support import (
+    Target,
+    cli,
+    cli_popen,
+    interpreters,
+    json_events,
+    stop,
+    tmp_leftovers,
+    wait_for_line,
+)
 
 PYTHONS = interpreters()
 
@@ -145,6 +152,13 @@ def test_reattach_sessions_are_independent() -> None:
             # attach) calls tick() at depth 0, which calls fib() at depth 1
             assert min(e["depth"] for e in events if e["kind"] == "call") == 1
             outputs.append(events)
+        # code that a session's query could never match (and that sys.monitoring was told to
+        # stop reporting) is traced again by the next session that asks for it
+        for function in ("risky", "fib", "risky"):
+            result = cli("-p", str(target.pid), "--json", "--max-events", "5",
+                         "module=workload", "function=%s" % function, "kind=call")
+            assert result.returncode == 0, result.stderr
+            assert {e["function"] for e in json_events(result.stdout)} == {function}
         assert clean(target.status())
 
 
@@ -216,3 +230,44 @@ def test_pid_errors(pid_kind: str) -> None:
         if p.poll() is None:
             p.kill()
         p.wait()
+
+
+def check_depths(events: list) -> int:
+    """Replay each thread's events on a stack: a call carries its caller's depth, the events
+    inside it one more, its return the call's depth. Returns how many events were checked."""
+    checked = 0
+    by_thread: dict = {}
+    for e in events:
+        by_thread.setdefault(e["threadname"], []).append(e)
+    for thread_events in by_thread.values():
+        stack: list = []
+        started = False
+        for e in thread_events:
+            if not started:
+                # start at a call of tick(), made by the worker's loop that predates attach
+                if e["kind"] != "call" or e["function"] != "tick":
+                    continue
+                started = True
+            if e["kind"] == "call":
+                assert e["depth"] == len(stack), e
+                stack.append(e["function"])
+            elif e["kind"] == "return":
+                assert stack and stack[-1] == e["function"], e
+                stack.pop()
+                assert e["depth"] == len(stack), e
+            else:
+                assert e["depth"] == len(stack), e
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("version", sorted(PYTHONS))
+@pytest.mark.parametrize("counting", [False, True], ids=["plain", "calls-counted"])
+def test_depth_is_exact(version: str, counting: bool) -> None:
+    """On 3.12+ a plain query lets sys.monitoring skip unmatched code and computes depth from
+    the stack; a query on `calls` counts every call instead. Both must give hunter's depth."""
+    query = ["module=workload"] + (["calls_gte=0"] if counting else [])
+    with Target(PYTHONS[version], "--manhole", "--threads", "2") as target:
+        result = cli("-p", str(target.pid), "--json", "--max-events", "3000", *query)
+        assert result.returncode == 0, result.stderr
+        assert check_depths(json_events(result.stdout)) > 1000

@@ -1,0 +1,1 @@
+"""Ways to run the bootstrap inside a target: gdb.py (ptrace, any process) and manhole.py."""
