@@ -411,6 +411,17 @@ static void on_event(PyObject *code, PyObject *frame, int kind, int lineno, PyOb
 #ifdef HA_SETTRACE
 static int trace_mode;  /* 0 = settrace, 1 = setprofile (no line or exception events needed) */
 
+/* The line hunter would report. On 3.8-3.10 CPython keeps f_lineno up to date while a C trace
+ * function is set (even with f_trace_lines off), and a Python-level tracer reads exactly that
+ * field; computing it from f_lasti differs at the end of loops and generators. 3.11 computes
+ * it from the instruction in both cases. */
+static int frame_line(PyFrameObject *f) {
+#if PY_VERSION_HEX < 0x030B0000
+    if (trace_mode == 0) return f->f_lineno;
+#endif
+    return PyFrame_GetLineNumber(f);
+}
+
 static int tracefunc(PyObject *obj, PyFrameObject *frame, int what, PyObject *arg) {
     (void)obj;
     if (!active || !thread_enter()) return 0;
@@ -428,20 +439,20 @@ static int tracefunc(PyObject *obj, PyFrameObject *frame, int what, PyObject *ar
                 PyErr_Clear();
 #endif
         }
-        on_event(code, (PyObject *)frame, K_CALL, PyFrame_GetLineNumber(frame), NULL);
+        on_event(code, (PyObject *)frame, K_CALL, frame_line(frame), NULL);
         T.depth++;
         T.calls++;
         break;
     }
     case PyTrace_LINE:
-        on_event(code, (PyObject *)frame, K_LINE, PyFrame_GetLineNumber(frame), NULL);
+        on_event(code, (PyObject *)frame, K_LINE, frame_line(frame), NULL);
         break;
     case PyTrace_RETURN:
         if (T.depth > 0) T.depth--;
-        on_event(code, (PyObject *)frame, K_RETURN, PyFrame_GetLineNumber(frame), arg);
+        on_event(code, (PyObject *)frame, K_RETURN, frame_line(frame), arg);
         break;
     case PyTrace_EXCEPTION:
-        on_event(code, (PyObject *)frame, K_EXCEPTION, PyFrame_GetLineNumber(frame), arg);
+        on_event(code, (PyObject *)frame, K_EXCEPTION, frame_line(frame), arg);
         break;
     default:  /* C_CALL etc. in profile mode */
         break;
@@ -672,6 +683,22 @@ static PyObject *mon_line(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     Py_RETURN_NONE;
 }
 
+/* JUMP (code, from, to), enabled with LINE: settrace reports a backward jump that stays on one
+ * line (a loop or an inlined comprehension on a single line) as another line event, and so do
+ * we. Forward jumps and jumps to another line (which LINE reports) are disabled. */
+static PyObject *mon_jump(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (!active || n < 3 || !thread_enter()) Py_RETURN_NONE;
+    long from = PyLong_AsLong(args[1]), to = PyLong_AsLong(args[2]);
+    if (PyErr_Occurred()) { PyErr_Clear(); Py_RETURN_NONE; }
+    if (to > from) return disable();
+    int from_line = PyCode_Addr2Line((PyCodeObject *)args[0], (int)from);
+    if (from_line != PyCode_Addr2Line((PyCodeObject *)args[0], (int)to)) return disable();
+    PyObject *frame = current_frame();
+    if (walk_mode && walk_prepare(args[0], frame, K_LINE)) return disable();
+    on_event(args[0], frame, K_LINE, from_line, NULL);
+    Py_RETURN_NONE;
+}
+
 /* mon_configure(walk, disable, preexisting, boot_codes): call after configure(). */
 static PyObject *ha_mon_configure(PyObject *self, PyObject *args) {
     int walk;
@@ -877,6 +904,7 @@ static PyMethodDef methods[] = {
     {"mon_unwind", (PyCFunction)(void (*)(void))mon_unwind, METH_FASTCALL, "PY_UNWIND"},
     {"mon_raise", (PyCFunction)(void (*)(void))mon_raise, METH_FASTCALL, "RAISE"},
     {"mon_line", (PyCFunction)(void (*)(void))mon_line, METH_FASTCALL, "LINE"},
+    {"mon_jump", (PyCFunction)(void (*)(void))mon_jump, METH_FASTCALL, "JUMP"},
 #endif
     {NULL, NULL, 0, NULL}};
 

@@ -177,7 +177,11 @@ class Session:
         if t.BACKEND == "monitoring":
             return self.install_monitoring()
         kinds = filters.kinds_mask(self.filter.tree)
-        mode = 1 if not kinds & ((1 << protocol.LINE) | (1 << protocol.EXCEPTION)) else 0
+        # A profile hook is cheaper, but gets no line or exception events, and before 3.11 it
+        # would report some returns' line numbers unlike settrace (see frame_line in C).
+        profile_ok = (1 << protocol.CALL) | (
+            (1 << protocol.RETURN) if sys.version_info >= (3, 11) else 0)
+        mode = 1 if not kinds & ~profile_ok else 0
         self.backend = "profile" if mode else "settrace"
         threading = sys.modules.get("threading")
         if threading is not None:
@@ -229,17 +233,18 @@ class Session:
                          for name in ("_bootstrap", "_bootstrap_inner"))
         t.mon_configure(walk, mon.DISABLE, preexisting, boot)
         mon.register_callback(self.tool_id, E.LINE, t.mon_line)
+        mon.register_callback(self.tool_id, E.JUMP, t.mon_jump)
         events = 0
         for event, func in wanted:
             mon.register_callback(self.tool_id, event, func)
             events |= event
-        self.registered = [E.LINE] + [event for event, _ in wanted]
+        self.registered = [E.LINE, E.JUMP] + [event for event, _ in wanted]
         self.backend = "monitoring"
         tool_id = self.tool_id
 
         def enable_lines(code: Any) -> None:
-            # LINE is enabled per code object, only where a line event can match.
-            mon.set_local_events(tool_id, code, E.LINE)
+            # LINE (and JUMP, see mon_jump) only on code objects where a line event can match.
+            mon.set_local_events(tool_id, code, E.LINE | E.JUMP)
             self.lined_codes.append(code)
 
         self.enable_lines = enable_lines

@@ -27,7 +27,7 @@ PROG = "hunter-trace"
 
 
 class Detach(Exception):
-    """SIGTERM or SIGHUP: detach cleanly, like Ctrl-C."""
+    """SIGINT, SIGTERM or SIGHUP while attaching: give up cleanly."""
 
 
 def _raise_detach(signum: int, frame: Any) -> None:
@@ -99,7 +99,8 @@ def run(pid: int, use_gdb: bool, sig: Optional[int], timeout: float, terms: Sequ
     status = Status(sys.stderr.isatty() and out is not sys.stderr)
     started = time.monotonic()
     session = Session(target.pid, target.uid, target.root, config, tracer, log)
-    old_handlers = {s: signal.signal(s, _raise_detach) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old_handlers = {s: signal.signal(s, _raise_detach)
+                    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         deadline = time.monotonic() + timeout
         finish_injection = _inject(target, session, use_gdb, sig, timeout, log)
@@ -108,12 +109,16 @@ def run(pid: int, use_gdb: bool, sig: Optional[int], timeout: float, terms: Sequ
         finally:
             finish_injection()
         ready = session.start(hello, deadline)
+        # Tracing is on: from now a signal only asks for a detach (see _stream).
+        requested: List[int] = []
+        for s in old_handlers:
+            signal.signal(s, lambda signum, frame: requested.append(signum))
         for typed, resolved in sorted(ready.get("aliases", {}).items()):
             _say("module %s resolves to %s in the target; matching %s" % (typed, resolved,
                                                                             resolved))
         _say("process %d attached (backend %s, %d threads, %.0f ms)" % (
             pid, ready.get("backend"), ready.get("threads", 0), (time.monotonic() - started) * 1e3))
-        return _stream(session, renderers, status, max_events, duration, pid)
+        return _stream(session, renderers, status, max_events, duration, pid, requested)
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
@@ -121,18 +126,24 @@ def run(pid: int, use_gdb: bool, sig: Optional[int], timeout: float, terms: Sequ
 
 
 def _stream(session: Session, renderers: List[Any], status: Status, max_events: int,
-            duration: Optional[float], pid: int) -> int:
-    """Render until the user, a limit or the target ends the session. Returns the exit code."""
+            duration: Optional[float], pid: int, requested: List[int]) -> int:
+    """Render until the user, a limit or the target ends the session. Returns the exit code.
+
+    Signals arrive in ``requested`` (set by handlers that only record them): an exception raised
+    inside session.items() would end that generator and lose the events still in flight."""
     end_at = time.monotonic() + duration if duration else None
     stop_deadline: Optional[float] = None
     exit_code = 0
     seen = 0
+    # Events already in flight when the user stops are still shown; only --max-events and a
+    # closed stdout end the output itself.
+    rendering = True
 
     def stop() -> None:
         nonlocal stop_deadline
         if stop_deadline is None:
             session.request_stop()
-            stop_deadline = time.monotonic() + 2.0
+            stop_deadline = time.monotonic() + 5.0
 
     items = session.items(poll=0.1)
     while True:
@@ -141,13 +152,16 @@ def _stream(session: Session, renderers: List[Any], status: Status, max_events: 
                 item = next(items)
             except StopIteration:
                 break
+            if requested:
+                stop()
             if isinstance(item, Event):
                 seen += 1
-                if stop_deadline is None:
+                if rendering:
                     for r in renderers:
                         r.event(item)
                     status.shown += 1
                     if max_events and seen >= max_events:
+                        rendering = False
                         stop()
             elif isinstance(item, Drop):
                 status.dropped += item.count
@@ -161,12 +175,10 @@ def _stream(session: Session, renderers: List[Any], status: Status, max_events: 
                 stop()
             if stop_deadline is not None and time.monotonic() > stop_deadline:
                 break
-        except (KeyboardInterrupt, Detach):
-            stop()
         except BrokenPipeError:
             # `| head`: the reader is gone. Detach quietly; nothing more can be shown.
             _silence_stdout()
-            renderers = [r for r in renderers if getattr(r, "to_stdout", False) is False]
+            rendering = False
             stop()
     status.clear()
     for r in renderers:

@@ -1,6 +1,8 @@
 """A test target. Prints "ready <pid>" once it runs, then answers commands on stdin:
 
   status   one JSON line: trace/profile functions, monitoring tools, threads, fds
+  pool     run workload.tick() 4 times in a new concurrent.futures pool, print "done"
+  scenario run workload.scenario() once, print "done"
   quit     exit 0
 Options: --manhole [--signal USR1] [--handler exec|repl], --threads N (busy workers),
 --idle (workers sleep between ticks; default), --busy (workers never sleep).
@@ -20,6 +22,8 @@ import workload  # noqa: E402
 def status():
     tools = {}
     mon = getattr(sys, "monitoring", None)
+    if mon is not None and "--hog-monitoring" in sys.argv:
+        mon = None
     if mon is not None:
         tools = {i: mon.get_tool(i) for i in range(6) if mon.get_tool(i) is not None}
     threads = [t.name for t in threading.enumerate()]
@@ -63,7 +67,13 @@ def main():
     p.add_argument("--handler", default="repl")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--busy", action="store_true")
+    p.add_argument("--hog-monitoring", action="store_true",
+                   help="take every sys.monitoring tool id (3.12+), as if other tools did")
     args = p.parse_args()
+    if args.hog_monitoring:
+        for tool in range(6):
+            if sys.monitoring.get_tool(tool) is None:
+                sys.monitoring.use_tool_id(tool, "someone-else")
     if args.manhole:
         import manhole
 
@@ -79,6 +89,15 @@ def main():
             # the main thread calls into workload too, so a query can see it
             workload.tick(0)
             print(json.dumps(status()), flush=True)
+        elif cmd == "pool":
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(workload.tick, range(4)))
+            print("done", flush=True)
+        elif cmd == "scenario":
+            workload.scenario()
+            print("done", flush=True)
         elif cmd == "quit":
             return
 

@@ -30,3 +30,36 @@ def tick(i=0):
     path = os.path.join("/srv", "item%d" % (i % 5))
     total = fib(4) + sum(gen(3)) + guarded(i)
     return json.dumps({"path": path, "total": total})
+
+
+def decorate(func):
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+class Shape:
+    def __init__(self, sides):
+        self.sides = sides
+
+    @decorate
+    def describe(self, prefix="shape", *extra, sep=": ", **more):
+        return prefix + sep + str(self.sides)
+
+    @property
+    def even(self):
+        return self.sides % 2 == 0
+
+
+def _private(x):
+    return x + 1
+
+
+def scenario():
+    """A fixed sequence of calls, for comparisons with hunter."""
+    out = [Shape(n).describe("s", sep="=") for n in range(3)]
+    out.append(str(Shape(4).even))
+    out.append(tick(3))
+    out.append(str(_private(1)))
+    return out
