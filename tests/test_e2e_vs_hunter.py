@@ -9,13 +9,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 
 import hunter
 import pytest
-
-from support import HERE, Target, cli_popen, interpreters, json_events, wait_for_line
+from support import HERE, Target, cli_popen, interpreters, json_events
 
 PYTHONS = interpreters()
 QUERIES = [
@@ -24,7 +22,8 @@ QUERIES = [
     'Q(module="workload", kind="call") | Q(function="fib", kind="return")',
     'Q(module="workload") & ~Q(kind="line") & ~Q(function="fib")',
     'Q(module="workload") & From(Q(function="describe"), Q(kind="call"))',
-    'Q(module="workload", function_in=["tick", "guarded", "risky"]) & Q(kind_in=["call", "exception"])',
+    'Q(module="workload", function_in=["tick", "guarded", "risky"])'
+    ' & Q(kind_in=["call", "exception"])',
 ]
 # Only the main thread runs the scenario; the target's worker thread must not count.
 MAIN = 'Q(threadname="MainThread")'
