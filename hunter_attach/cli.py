@@ -219,7 +219,9 @@ def _silence_stdout() -> None:
               show_default=True, help="Colors in text output (NO_COLOR is respected).")
 @click.option("--perfetto", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a Chrome/Perfetto trace-event JSON file.")
-@click.option("-c", "--summary", is_flag=True, help="Print a per-function table at exit.")
+@click.option("-c", "--summary", is_flag=True,
+              help="Print a per-function table at exit (instead of the events, unless --json "
+                   "or -o asks for them too).")
 @click.option("--repr-limit", type=click.IntRange(16, 1 << 20), default=1024, show_default=True,
               help="Longest repr of a value.")
 @click.option("--max-events", type=click.IntRange(0), default=0,
@@ -247,8 +249,11 @@ def main(pid: int, use_gdb: bool, signal_name: Optional[str], timeout: float,
                 raise QueryError("-s SIGNAL is for manhole mode; it cannot be used with --gdb")
         if output:
             out = open(output, "w", encoding="utf-8")
+        # Like strace -c: the table instead of the event lines, unless they go somewhere
+        # explicitly (--json or -o).
+        quiet = summary and not as_json and not output
         options = RenderOptions(printer=printer, json=as_json, perfetto=perfetto,
-                                summary=summary, color=color, pid_prefix=pid_prefix)
+                                summary=summary, color=color, pid_prefix=pid_prefix, quiet=quiet)
         config = {"repr_limit": repr_limit, "drop": drop}
         code = run(pid, use_gdb, sig, timeout, query, out, options, config, max_events, duration,
                    verbose)

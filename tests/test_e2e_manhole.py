@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -271,3 +272,69 @@ def test_depth_is_exact(version: str, counting: bool) -> None:
         result = cli("-p", str(target.pid), "--json", "--max-events", "3000", *query)
         assert result.returncode == 0, result.stderr
         assert check_depths(json_events(result.stdout)) > 1000
+
+
+def test_pool_threads_started_after_attach_are_traced() -> None:
+    for version in sorted({"3.8", "3.11", "3.12"} & set(PYTHONS)):
+        with Target(PYTHONS[version], "--manhole", "--threads", "0") as target:
+            proc = cli_popen("-p", str(target.pid), "--json", "module=workload", "kind=call")
+            try:
+                assert proc.stderr is not None
+                assert "attached" in proc.stderr.readline()
+                assert target.proc.stdin is not None
+                target.proc.stdin.write("pool\n")
+                target.proc.stdin.flush()
+                assert target._readline(20).strip() == "done"
+            finally:
+                stop(proc)
+            out = proc.stdout.read() if proc.stdout else ""
+            names = {e["threadname"] for e in json_events(out)}
+            assert any(n.startswith("ThreadPoolExecutor-") for n in names), (version, names)
+            ticks = [e for e in json_events(out) if e["function"] == "tick"]
+            assert len(ticks) == 4 and all(e["threadid"] is not None for e in ticks)
+            assert clean(target.status())
+
+
+@pytest.mark.skipif("3.12" not in PYTHONS, reason="needs CPython 3.12")
+def test_agent_failure_is_reported_and_harmless() -> None:
+    """Every sys.monitoring tool id is taken: the agent cannot start, says why, and leaves."""
+    with Target(PYTHONS["3.12"], "--manhole", "--hog-monitoring") as target:
+        before = target.status()
+        result = cli("-p", str(target.pid), "module=workload")
+        assert result.returncode == 7, result.stderr
+        assert "tool ids are in use" in result.stderr
+        assert "Traceback" not in result.stderr
+        after = target.status()
+        assert after["gettrace"] == "None"
+        same_resources(before, after)
+
+
+def test_output_file_perfetto_and_summary(tmp_path) -> None:
+    out, trace = tmp_path / "events.jsonl", tmp_path / "trace.json"
+    with Target(PYTHONS[max(PYTHONS)], "--manhole", "--threads", "2") as target:
+        result = cli("-p", str(target.pid), "--json", "-o", str(out), "--perfetto", str(trace),
+                     "-c", "-d", "1", "module=workload")
+        assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    events = json_events(out.read_text())
+    calls = {}
+    for e in events:
+        if e["kind"] == "call":
+            calls[e["function"]] = calls.get(e["function"], 0) + 1
+    # the summary table (stderr) counts the same calls as the JSON
+    for function, count in calls.items():
+        row = [line for line in result.stderr.splitlines() if line.rstrip().endswith(
+            "workload." + function) or (" workload." + function + " ") in line]
+        assert row, (function, result.stderr)
+        assert str(count) in row[0].split(), (function, count, row[0])
+    doc = json.loads(trace.read_text())
+    slices = [e for e in doc["traceEvents"] if e.get("ph") == "X"]
+    assert slices and len({e["tid"] for e in slices}) == 2
+    for tid in {e["tid"] for e in slices}:
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in slices if e["tid"] == tid)
+        stack: list = []
+        for start, end in spans:  # each slice nests in the enclosing one or follows it
+            while stack and stack[-1] <= start:
+                stack.pop()
+            assert not stack or end <= stack[-1] + 1e-3
+            stack.append(end)
