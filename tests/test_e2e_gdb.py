@@ -92,3 +92,40 @@ def test_pipe_closed_by_head() -> None:
         assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
         assert result.returncode == 0, result.stderr
         assert clean(target.status())
+
+
+def _unshare_works() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="cannot create a mount namespace here")
+def test_gdb_target_in_another_mount_namespace() -> None:
+    """Like a container: the target has its own /tmp, which the CLI reaches through
+    /proc/PID/root; the agent, the tracer and the helper go there, and nothing stays."""
+    import subprocess
+
+    python = PYTHONS[max(PYTHONS)]
+    script = "mount -t tmpfs tmpfs /tmp && exec %s %s" % (
+        python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps", "service.py"))
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("ready"), line
+        pid = int(line.split()[1])
+        assert os.stat("/proc/self/ns/mnt").st_ino != os.stat("/proc/%d/ns/mnt" % pid).st_ino
+        result = cli("-p", str(pid), "--gdb", "--json", "--max-events", "20", "module=workload")
+        assert result.returncode == 0, result.stderr
+        assert len(json_events(result.stdout)) == 20
+        assert os.listdir("/proc/%d/root/tmp" % pid) == []
+    finally:
+        proc.kill()
+        proc.wait()

@@ -232,7 +232,8 @@ def inject(
     if helper_lib == "auto":
         helper_lib = build_helper(default_helper_dir())
     if helper_lib is not None and mechanism != "pending-call":
-        if not os.path.isfile(helper_lib):
+        # The path is the target's: in another mount namespace it resolves under its root.
+        if not os.path.isfile(f"/proc/{pid}/root{helper_lib}"):
             raise InjectionFailed(f"the injection helper {helper_lib} does not exist")
     style = call_style
     if style == "auto":
