@@ -36,6 +36,10 @@ def _boot(path, token):
     try:
         s.settimeout(10.0)
         s.connect(path)
+        # Only root or our own user may be listening (the token authenticates us to it).
+        peer_uid = struct.unpack('3i', s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        if peer_uid not in (0, os.geteuid()):
+            raise PermissionError('the listening socket belongs to uid %d' % peer_uid)
         import importlib.machinery, importlib.util
         pkg = sys.modules.get('_hunter_attach')
         tracer = getattr(pkg, '_tracer', None)
