@@ -52,6 +52,7 @@ typedef struct {
     uint32_t kinds;   /* bitmask of kinds that can match */
     int64_t *prog;    /* NULL = every event of this code matches */
     Py_ssize_t proglen;
+    PyObject *args;   /* ((display, name, index), ...) of the parameters, for fast_call_args */
 } entry_t;
 
 static entry_t *cache;
@@ -88,6 +89,7 @@ static struct {
     size_t cap, len;
     int drop_mode;
     int stop;          /* pump: flush and return */
+    int finished;      /* pump flushed for the last time: the session takes no more events */
     int dead;          /* the consumer gave up: producers never wait again */
     uint64_t seen, sent, dropped, pending_drop;
     int64_t block_ns;  /* longest a producer may wait for space before the session is dead */
@@ -112,22 +114,24 @@ static void put_u64(char *p, uint64_t v) { memcpy(p, &v, 8); }
 /* Reserve n bytes in the fill buffer; returns the write position or NULL when the record must be
  * dropped. Called with the GIL and B.mu held; may release both while waiting for space. */
 static char *reserve(size_t n) {
-    if (n > B.cap) return NULL;
+    if (n > B.cap || B.finished) return NULL;
     if (B.len + n > B.cap && !B.drop_mode && !B.dead) {
-        int64_t waited = 0;
-        while (B.len + n > B.cap && !B.dead && !B.stop) {
+        int64_t start = now_ns();
+        while (B.len + n > B.cap && !B.dead && !B.finished) {
             struct timespec dl;
-            int64_t slice = 50000000LL;  /* 50 ms, so a dead consumer is noticed */
-            deadline_after(&dl, slice);
+            deadline_after(&dl, 50000000LL);  /* 50 ms slices, so a dead consumer is noticed */
             pthread_cond_signal(&B.data);
+            /* Never wait for the GIL while holding B.mu: a thread that has the GIL may be
+             * waiting for B.mu in emit(). */
             Py_BEGIN_ALLOW_THREADS
             pthread_cond_timedwait(&B.space, &B.mu, &dl);
+            pthread_mutex_unlock(&B.mu);
             Py_END_ALLOW_THREADS
-            waited += slice;
-            if (waited >= B.block_ns) B.dead = 1;
+            pthread_mutex_lock(&B.mu);
+            if (now_ns() - start >= B.block_ns) B.dead = 1;
         }
     }
-    if (B.len + n > B.cap) return NULL;
+    if (B.len + n > B.cap || B.finished) return NULL;
     if (B.pending_drop) {
         if (B.len + 9 + n > B.cap) return NULL;
         char *p = B.fill + B.len;
@@ -162,14 +166,21 @@ static void emit(int kind, uint32_t code_id, int lineno, uint32_t depth, const c
     size_t n = EVENT_SIZE + (arg ? 4 + (size_t)arglen : 0);
     int64_t ts = now_ns();
     pthread_mutex_lock(&B.mu);
-    B.seen++;
-    char *p = reserve(n);
-    if (!p) {
-        B.dropped++;
-        B.pending_drop++;
+    if (B.finished) {  /* an event in flight when the session ended: it is not part of it */
         pthread_mutex_unlock(&B.mu);
         return;
     }
+    char *p = reserve(n);
+    if (!p) {
+        if (!B.finished) {
+            B.seen++;
+            B.dropped++;
+            B.pending_drop++;
+        }
+        pthread_mutex_unlock(&B.mu);
+        return;
+    }
+    B.seen++;
     p[0] = REC_EVENT;
     p[1] = (char)kind;
     uint16_t flags = arg ? FLAG_ARG : 0;
@@ -231,6 +242,7 @@ static void cache_clear(void) {
     for (size_t i = 0; i < cache_cap; i++) {
         if (!cache[i].code) continue;
         Py_DECREF(cache[i].code);
+        Py_XDECREF(cache[i].args);
         PyMem_Free(cache[i].prog);
     }
     PyMem_Free(cache);
@@ -250,8 +262,9 @@ static entry_t *lookup(PyObject *code, PyObject *frame) {
     if (!r) { PyErr_Clear(); return e; }
     if (r != Py_None) {
         unsigned long id, kinds;
-        PyObject *prog, *meta;
-        if (PyArg_ParseTuple(r, "kkOO", &id, &kinds, &prog, &meta)) {
+        PyObject *prog, *meta, *args = NULL;
+        if (PyArg_ParseTuple(r, "kkOO|O", &id, &kinds, &prog, &meta, &args)) {
+            if (args && PyTuple_Check(args)) e->args = Py_NewRef(args);
             if (prog != Py_None) {
                 Py_buffer view;
                 if (PyObject_GetBuffer(prog, &view, PyBUF_SIMPLE) == 0) {
@@ -387,6 +400,143 @@ static int run_program(const entry_t *e, int kind, int lineno, PyObject *frame, 
     return sp == 1 && st[0];
 }
 
+/* ---- fast reprs ----------------------------------------------------------------------------
+ * saferepr.py's rules, in C, for the values that need no Python: exact builtin scalars, whose
+ * repr runs no user code. Anything else (containers, instances, 3.11 frames) goes to the
+ * agent's fmt callback, which gives the same text. */
+static Py_ssize_t repr_limit = 1024;
+
+typedef struct { char *p; size_t len, cap; } buf_t;
+static buf_t argbuf;
+
+static int buf_put(buf_t *b, const char *s, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + n) cap *= 2;
+        char *p = PyMem_Realloc(b->p, cap);
+        if (!p) return -1;
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    return 0;
+}
+
+/* A JSON string literal (UTF-8 passes through; quotes, backslashes, controls escaped). */
+static int buf_json(buf_t *b, PyObject *str) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(str, &n);
+    if (!s || buf_put(b, "\"", 1)) return -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') {
+            char esc[2] = {'\\', (char)c};
+            if (buf_put(b, esc, 2)) return -1;
+        } else if (c < 0x20) {
+            char esc[7];
+            snprintf(esc, sizeof esc, "\\u%04x", c);
+            if (buf_put(b, esc, 6)) return -1;
+        } else if (buf_put(b, (const char *)&s[i], 1)) {
+            return -1;
+        }
+    }
+    return buf_put(b, "\"", 1);
+}
+
+static int simple_value(PyObject *o) {
+    PyTypeObject *t = Py_TYPE(o);
+    return o == Py_None || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type ||
+           t == &PyUnicode_Type || t == &PyBytes_Type;
+}
+
+static PyObject *ends(PyObject *o, Py_ssize_t keep) {
+    /* only the ends of a long str/bytes survive the cut: repr just those */
+    Py_ssize_t n = PyUnicode_Check(o) ? PyUnicode_GET_LENGTH(o) : PyBytes_GET_SIZE(o);
+    PyObject *head, *tail, *both;
+    if (PyUnicode_Check(o)) {
+        head = PyUnicode_Substring(o, 0, keep);
+        tail = PyUnicode_Substring(o, n - keep, n);
+        both = head && tail ? PyUnicode_Concat(head, tail) : NULL;
+    } else {
+        head = PyBytes_FromStringAndSize(PyBytes_AS_STRING(o), keep);
+        tail = PyBytes_FromStringAndSize(PyBytes_AS_STRING(o) + n - keep, keep);
+        both = head && tail ? PySequence_Concat(head, tail) : NULL;
+    }
+    Py_XDECREF(head);
+    Py_XDECREF(tail);
+    return both;
+}
+
+/* saferepr.trimmed() of a simple value: a new str, or NULL with no exception set. */
+static PyObject *fast_repr(PyObject *o) {
+    PyObject *src = o;
+    Py_ssize_t n = PyUnicode_CheckExact(o) ? PyUnicode_GET_LENGTH(o)
+                   : PyBytes_CheckExact(o) ? PyBytes_GET_SIZE(o) : 0;
+    if (n > repr_limit * 2) {
+        src = ends(o, repr_limit);
+        if (!src) { PyErr_Clear(); return NULL; }
+    } else {
+        Py_INCREF(src);
+    }
+    PyObject *r = PyObject_Repr(src);
+    Py_DECREF(src);
+    if (!r) { PyErr_Clear(); return NULL; }
+    Py_ssize_t len = PyUnicode_GET_LENGTH(r);
+    if (len > repr_limit) {
+        Py_ssize_t cut = repr_limit / 2;
+        PyObject *a = PyUnicode_Substring(r, 0, cut), *b = PyUnicode_Substring(r, len - cut, len);
+        Py_DECREF(r);
+        r = a && b ? PyUnicode_FromFormat("%U [...] %U", a, b) : NULL;
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        if (!r) PyErr_Clear();
+    }
+    return r;
+}
+
+/* A parameter's value: a new reference, or NULL (then the agent's fmt takes over). */
+static PyObject *local_value(PyObject *frame, PyObject *name, Py_ssize_t index) {
+#if PY_VERSION_HEX < 0x030B0000
+    (void)name;
+    PyObject *v = ((PyFrameObject *)frame)->f_localsplus[index];  /* NULL when it is a cell */
+    Py_XINCREF(v);
+    return v;
+#elif PY_VERSION_HEX >= 0x030C0000
+    (void)index;
+    PyObject *v = PyFrame_GetVar((PyFrameObject *)frame, name);
+    if (!v) PyErr_Clear();
+    return v;
+#else
+    (void)frame; (void)name; (void)index;
+    return NULL;  /* 3.11 has no cheap public access to one local */
+#endif
+}
+
+/* The JSON list of [name, repr] pairs of a call, into argbuf; 0 if the agent must make it. */
+static int fast_call_args(entry_t *e, PyObject *frame) {
+    if (!e->args || !frame) return 0;
+    argbuf.len = 0;
+    if (buf_put(&argbuf, "[", 1)) return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(e->args); i++) {
+        PyObject *spec = PyTuple_GET_ITEM(e->args, i);
+        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3) return 0;
+        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 2));
+        if (index < 0) { PyErr_Clear(); return 0; }
+        PyObject *v = local_value(frame, PyTuple_GET_ITEM(spec, 1), index);
+        if (!v) return 0;
+        PyObject *r = simple_value(v) ? fast_repr(v) : NULL;
+        Py_DECREF(v);
+        if (!r) return 0;
+        int bad = (i && buf_put(&argbuf, ",", 1)) || buf_put(&argbuf, "[", 1) ||
+                  buf_json(&argbuf, PyTuple_GET_ITEM(spec, 0)) || buf_put(&argbuf, ",", 1) ||
+                  buf_json(&argbuf, r) || buf_put(&argbuf, "]", 1);
+        Py_DECREF(r);
+        if (bad) { PyErr_Clear(); return 0; }
+    }
+    return buf_put(&argbuf, "]", 1) == 0;
+}
+
 /* The common event path. `frame` may be NULL when the backend has none handy (it is then
  * fetched only if a Python callback needs it). Depth bookkeeping is the caller's. */
 static void on_event(PyObject *code, PyObject *frame, int kind, int lineno, PyObject *arg) {
@@ -396,6 +546,22 @@ static void on_event(PyObject *code, PyObject *frame, int kind, int lineno, PyOb
     if (kind == K_LINE || !cb_fmt || cb_fmt == Py_None) {
         emit(kind, e->id, lineno, T.depth, NULL, 0);
         return;
+    }
+    if (kind == K_CALL && fast_call_args(e, frame)) {
+        emit(kind, e->id, lineno, T.depth, argbuf.p, (Py_ssize_t)argbuf.len);
+        return;
+    }
+    if (kind == K_RETURN && (!arg || simple_value(arg))) {
+        PyObject *r = fast_repr(arg ? arg : Py_None);
+        Py_ssize_t len;
+        const char *txt = r ? PyUnicode_AsUTF8AndSize(r, &len) : NULL;
+        if (txt) {
+            emit(kind, e->id, lineno, T.depth, txt, len);
+            Py_DECREF(r);
+            return;
+        }
+        Py_XDECREF(r);
+        PyErr_Clear();
     }
     PyObject *s = PyObject_CallFunction(cb_fmt, "iOO", kind, frame ? frame : Py_None,
                                         arg ? arg : Py_None);
@@ -727,15 +893,17 @@ static void mon_reset(void) {}
 /* ---- session control ---------------------------------------------------------------------- */
 static PyObject *ha_configure(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"decide", "on_thread", "fmt", "pypred", "buffer_size", "drop",
-                             "block_timeout", "main_ident", NULL};
+                             "block_timeout", "main_ident", "repr_limit", NULL};
     PyObject *decide, *on_thread, *fmt, *pypred;
     Py_ssize_t size;
     int drop;
     double block_timeout;
     unsigned long mident;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOnpdk", kwlist, &decide, &on_thread, &fmt,
-                                     &pypred, &size, &drop, &block_timeout, &mident))
+    Py_ssize_t limit = 1024;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOnpdk|n", kwlist, &decide, &on_thread, &fmt,
+                                     &pypred, &size, &drop, &block_timeout, &mident, &limit))
         return NULL;
+    repr_limit = limit < 16 ? 16 : limit;
     if (active) {
         PyErr_SetString(PyExc_RuntimeError, "a session is already active");
         return NULL;
@@ -754,7 +922,7 @@ static PyObject *ha_configure(PyObject *self, PyObject *args, PyObject *kw) {
     B.cap = (size_t)size;
     B.len = 0;
     B.drop_mode = drop;
-    B.stop = B.dead = 0;
+    B.stop = B.dead = B.finished = 0;
     B.seen = B.sent = B.dropped = B.pending_drop = 0;
     B.block_ns = (int64_t)(block_timeout * 1e9);
     int ok = B.fill && B.spare;
@@ -854,6 +1022,10 @@ static PyObject *ha_pump(PyObject *self, PyObject *args) {
         }
         if (stopping) {
             if (len) continue;  /* flush until a pass finds the buffer empty */
+            pthread_mutex_lock(&B.mu);
+            B.finished = 1;
+            pthread_cond_broadcast(&B.space);
+            pthread_mutex_unlock(&B.mu);
             result = 0;
             break;
         }

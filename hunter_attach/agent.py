@@ -84,7 +84,7 @@ class Session:
         self.mode = 0
 
     # ---- callbacks from the C tracer (tracing is off while they run) ----------------------
-    def decide(self, code: Any, frame: Any) -> Optional[Tuple[int, int, Any, bytes]]:
+    def decide(self, code: Any, frame: Any) -> Optional[Tuple[int, int, Any, bytes, tuple]]:
         name = frame.f_globals.get("__name__", "") if frame is not None else ""
         module_file = frame.f_globals.get("__file__") if frame is not None else None
         decision = self.filter.decide(code, name, module_file)  # hunter's rules for odd names
@@ -97,7 +97,10 @@ class Session:
             self.enable_lines(code)
         meta = protocol.encode_meta(protocol.REC_CODE, self.code_info(code_id, code, module, frame))
         program = decision.program.tobytes() if decision.program is not None else None
-        return code_id, decision.kinds, program, meta
+        names = code.co_varnames
+        args = tuple((display, var, names.index(var))
+                     for display, var in saferepr.arguments(code))
+        return code_id, decision.kinds, program, meta, args
 
     def code_info(self, code_id: int, code: Any, module: str, frame: Any) -> Dict[str, Any]:
         """The CODE record: what the CLI needs to render any event of this code object."""
@@ -173,7 +176,7 @@ class Session:
                     buffer_size=int(self.config.get("buffer_size", 1 << 20)),
                     drop=bool(self.config.get("drop", False)),
                     block_timeout=float(self.config.get("block_timeout", 10.0)),
-                    main_ident=self.main_ident)
+                    main_ident=self.main_ident, repr_limit=self.repr_limit)
         if t.BACKEND == "monitoring":
             return self.install_monitoring()
         kinds = filters.kinds_mask(self.filter.tree)

@@ -62,4 +62,11 @@ def scenario():
     out.append(str(Shape(4).even))
     out.append(tick(3))
     out.append(str(_private(1)))
+    simple = ("x" * 3000 + "y", b"\n\x00", 1.5, None, True, -(2 ** 70), "tab\t\"q\" \u00e9")
+    out.append(echo(*simple))
+    out.append(echo(*simple, 1, k="v"))
     return out
+
+
+def echo(text, data, number, nothing, flag, big, quoted, *rest, **named):
+    return text[:5] + str(len(rest)) + data.decode() + quoted * 2 + str(named)
