@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,9 +19,11 @@ def main() -> int:
         if not line.startswith("ready"):
             print("the demo target did not start", file=sys.stderr)
             return 1
+        # The demo's functions run as __main__; os.path is an alias that hunter-trace resolves.
         cmd = [sys.executable, "-m", "hunter_attach", "-p", str(target.pid), "--gdb", "-d", "3",
-               "module=demo_target", "~kind=line"]
-        print("$ hunter-trace " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
+               "Q(module_in=['__main__', 'os.path']) & ~Q(kind='line')"]
+        print("$ hunter-trace " + " ".join(shlex.quote(a) for a in cmd[3:]), file=sys.stderr,
+              flush=True)
         return subprocess.call(cmd)
     finally:
         target.send_signal(signal.SIGINT)
