@@ -35,6 +35,9 @@ lint: $(STAMP)  ## ruff and mypy
 bench: $(STAMP)  ## benchmarks; writes docs/bench.md
 	$(PY) scripts/bench.py
 
+asan: $(STAMP)  ## the C tracer's unit suite under AddressSanitizer (docs/asan.md)
+	bash scripts/asan.sh
+
 stress: $(STAMP)  ## the long stress tests
 	$(PY) -m pytest -q -ra -m slow
 

@@ -205,6 +205,8 @@ class Session:
             if mon.get_tool(tool) is None:
                 mon.use_tool_id(tool, "hunter-attach")
                 self.tool_id = tool
+                # From here uninstall() must undo what follows, even if it fails half way.
+                self.backend = "monitoring"
                 break
         else:
             raise AgentError("all sys.monitoring tool ids are in use by other tools")
@@ -235,14 +237,12 @@ class Session:
             boot = tuple(getattr(threading.Thread, name).__code__
                          for name in ("_bootstrap", "_bootstrap_inner"))
         t.mon_configure(walk, mon.DISABLE, preexisting, boot)
-        mon.register_callback(self.tool_id, E.LINE, t.mon_line)
-        mon.register_callback(self.tool_id, E.JUMP, t.mon_jump)
         events = 0
-        for event, func in wanted:
+        for event, func in [(E.LINE, t.mon_line), (E.JUMP, t.mon_jump)] + wanted:
+            self.registered.append(event)
             mon.register_callback(self.tool_id, event, func)
-            events |= event
-        self.registered = [E.LINE, E.JUMP] + [event for event, _ in wanted]
-        self.backend = "monitoring"
+            if event not in (E.LINE, E.JUMP):
+                events |= event
         tool_id = self.tool_id
 
         def enable_lines(code: Any) -> None:
@@ -267,6 +267,7 @@ class Session:
                 for event in self.registered:
                     mon.register_callback(self.tool_id, event, None)
                 mon.free_tool_id(self.tool_id)
+            self.tool_id = None
         elif self.backend:
             threading = sys.modules.get("threading")
             if threading is not None:
