@@ -42,6 +42,22 @@ def _needs_counting(tree: Dict[str, Any]) -> bool:
     return any(_needs_counting(child) for child in children)
 
 
+def _narrows_code(tree: Dict[str, Any]) -> bool:
+    """Does the query rule out most code objects by their static fields (module=x,
+    function_in=..., filename_sw=...)? Only then does disabling unmatched code in
+    sys.monitoring pay for computing each matched event's depth from its stack; a query that
+    matches nearly all code is cheaper with every call counted."""
+    op = tree.get("op")
+    if op == "cmp":
+        return tree.get("field") in ("module", "function", "filename") or (
+            tree.get("field") == "stdlib" and tree.get("value") is True)
+    if op == "and":
+        return any(_narrows_code(child) for child in tree.get("args", ()))
+    if op == "or":
+        return bool(tree.get("args")) and all(_narrows_code(child) for child in tree["args"])
+    return False
+
+
 def _main_ident() -> int:
     threading = sys.modules.get("threading")
     if threading is not None:
@@ -213,7 +229,7 @@ class Session:
         E = mon.events
         t = self.tracer
         kinds = filters.kinds_mask(self.filter.tree)
-        walk = not _needs_counting(self.filter.tree)
+        walk = _narrows_code(self.filter.tree) and not _needs_counting(self.filter.tree)
         wanted = []
         if walk is False or kinds & (1 << protocol.CALL):
             wanted += [(E.PY_START, t.mon_start), (E.PY_RESUME, t.mon_start),
