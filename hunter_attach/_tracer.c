@@ -50,8 +50,7 @@ typedef struct {
     PyObject *code;   /* strong reference: keeps the address from being reused this session */
     uint32_t id;      /* interned id sent in CODE records; 0 = never matches */
     uint32_t kinds;   /* bitmask of kinds that can match */
-    int64_t *prog;    /* NULL = every event of this code matches */
-    Py_ssize_t proglen;
+    PyObject *prog;   /* bytes of int64 opcodes; NULL = every event of this code matches */
     PyObject *args;   /* ((display, name, index), ...) of the parameters, for fast_call_args */
 } entry_t;
 
@@ -114,10 +113,10 @@ static void put_u64(char *p, uint64_t v) { memcpy(p, &v, 8); }
 /* Reserve n bytes in the fill buffer; returns the write position or NULL when the record must be
  * dropped. Called with the GIL and B.mu held; may release both while waiting for space. */
 static char *reserve(size_t n) {
-    if (n > B.cap || B.finished) return NULL;
-    if (B.len + n > B.cap && !B.drop_mode && !B.dead) {
+    if (n + 9 > B.cap || B.finished) return NULL;
+    if (B.len + n + (B.pending_drop ? 9 : 0) > B.cap && !B.drop_mode && !B.dead) {
         int64_t start = now_ns();
-        while (B.len + n > B.cap && !B.dead && !B.finished) {
+        while (B.len + n + (B.pending_drop ? 9 : 0) > B.cap && !B.dead && !B.finished) {
             struct timespec dl;
             deadline_after(&dl, 50000000LL);  /* 50 ms slices, so a dead consumer is noticed */
             pthread_cond_signal(&B.data);
@@ -147,9 +146,9 @@ static char *reserve(size_t n) {
 }
 
 /* Append raw bytes (a CODE or THREAD record made by the agent). */
-static void append_meta(PyObject *bytes) {
+static int append_meta(PyObject *bytes) {
     char *data; Py_ssize_t n;
-    if (PyBytes_AsStringAndSize(bytes, &data, &n) < 0) { PyErr_Clear(); return; }
+    if (PyBytes_AsStringAndSize(bytes, &data, &n) < 0) { PyErr_Clear(); return 0; }
     pthread_mutex_lock(&B.mu);
     char *p = reserve((size_t)n);
     /* Metadata is never dropped silently: without it the CLI cannot decode later events. In
@@ -159,6 +158,7 @@ static void append_meta(PyObject *bytes) {
     }
     if (p) memcpy(p, data, (size_t)n);
     pthread_mutex_unlock(&B.mu);
+    return p != NULL;
 }
 
 static void emit(int kind, uint32_t code_id, int lineno, uint32_t depth, const char *arg,
@@ -243,7 +243,7 @@ static void cache_clear(void) {
         if (!cache[i].code) continue;
         Py_DECREF(cache[i].code);
         Py_XDECREF(cache[i].args);
-        PyMem_Free(cache[i].prog);
+        Py_XDECREF(cache[i].prog);
     }
     PyMem_Free(cache);
     cache = NULL;
@@ -264,22 +264,14 @@ static entry_t *lookup(PyObject *code, PyObject *frame) {
         unsigned long id, kinds;
         PyObject *prog, *meta, *args = NULL;
         if (PyArg_ParseTuple(r, "kkOO|O", &id, &kinds, &prog, &meta, &args)) {
-            if (args && PyTuple_Check(args)) e->args = Py_NewRef(args);
-            if (prog != Py_None) {
-                Py_buffer view;
-                if (PyObject_GetBuffer(prog, &view, PyBUF_SIMPLE) == 0) {
-                    e->prog = PyMem_Malloc(view.len ? (size_t)view.len : 1);
-                    if (e->prog) {
-                        memcpy(e->prog, view.buf, (size_t)view.len);
-                        e->proglen = view.len / 8;
-                    }
-                    PyBuffer_Release(&view);
-                }
-            }
-            if (prog == Py_None || e->prog) {
+            /* Without its CODE record the CLI could not decode this code's events: if the
+             * record cannot be written, the code is treated as never matching. */
+            if ((prog == Py_None || PyBytes_Check(prog)) && PyBytes_Check(meta) &&
+                append_meta(meta)) {
+                if (args && PyTuple_Check(args)) e->args = Py_NewRef(args);
+                if (prog != Py_None) e->prog = Py_NewRef(prog);
                 e->id = (uint32_t)id;
                 e->kinds = (uint32_t)kinds;
-                if (PyBytes_Check(meta)) append_meta(meta);
             }
         }
         PyErr_Clear();
@@ -305,10 +297,9 @@ static int thread_enter(void) {
     } else if (r && r != Py_None) {
         unsigned long id;
         PyObject *meta;
-        if (PyArg_ParseTuple(r, "kO", &id, &meta)) {
+        if (PyArg_ParseTuple(r, "kO", &id, &meta) && PyBytes_Check(meta) && append_meta(meta)) {
             T.thread_id = (uint32_t)id;
             T.skip = 0;
-            if (PyBytes_Check(meta)) append_meta(meta);
         }
     }
     Py_XDECREF(r);
@@ -340,10 +331,11 @@ static int compare(int64_t a, int64_t cmp, int64_t b) {
 
 /* Evaluate a residual predicate. `depth` and `calls` are the event's (T's may differ for calls,
  * whose counters are bumped after the event). Malformed programs evaluate to false. */
-static int run_program(const entry_t *e, int kind, int lineno, PyObject *frame, PyObject *arg) {
+static int run_program(PyObject *prog, int kind, int lineno, PyObject *frame, PyObject *arg) {
     int64_t st[STACK_MAX];
     int sp = 0;
-    const int64_t *p = e->prog, *end = e->prog + e->proglen;
+    const int64_t *p = (const int64_t *)PyBytes_AS_STRING(prog);
+    const int64_t *end = p + PyBytes_GET_SIZE(prog) / 8;
     while (p < end) {
         int64_t op = *p++;
         switch (op) {
@@ -514,12 +506,12 @@ static PyObject *local_value(PyObject *frame, PyObject *name, Py_ssize_t index) 
 }
 
 /* The JSON list of [name, repr] pairs of a call, into argbuf; 0 if the agent must make it. */
-static int fast_call_args(entry_t *e, PyObject *frame) {
-    if (!e->args || !frame) return 0;
+static int fast_call_args(PyObject *spec_list, PyObject *frame) {
+    if (!spec_list || !frame) return 0;
     argbuf.len = 0;
     if (buf_put(&argbuf, "[", 1)) return 0;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(e->args); i++) {
-        PyObject *spec = PyTuple_GET_ITEM(e->args, i);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spec_list); i++) {
+        PyObject *spec = PyTuple_GET_ITEM(spec_list, i);
         if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3) return 0;
         Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 2));
         if (index < 0) { PyErr_Clear(); return 0; }
@@ -542,35 +534,46 @@ static int fast_call_args(entry_t *e, PyObject *frame) {
 static void on_event(PyObject *code, PyObject *frame, int kind, int lineno, PyObject *arg) {
     entry_t *e = lookup(code, frame);
     if (!e || !e->id || !((e->kinds >> kind) & 1)) return;
-    if (e->prog && !run_program(e, kind, lineno, frame, arg)) return;
+    /* Python callbacks below may let other threads run, which can grow (move) the cache, and
+     * emit() may wait for room with the GIL released: keep what we need, by value or by ref. */
+    uint32_t id = e->id;
+    PyObject *prog = e->prog ? Py_NewRef(e->prog) : NULL;
+    PyObject *args = e->args && kind == K_CALL ? Py_NewRef(e->args) : NULL;
+    int keep = !prog || run_program(prog, kind, lineno, frame, arg);
+    Py_XDECREF(prog);
+    if (!keep) {
+        Py_XDECREF(args);
+        return;
+    }
+    PyObject *text = NULL;  /* owns the argument's UTF-8 while emit() copies it */
     if (kind == K_LINE || !cb_fmt || cb_fmt == Py_None) {
-        emit(kind, e->id, lineno, T.depth, NULL, 0);
+        emit(kind, id, lineno, T.depth, NULL, 0);
+        Py_XDECREF(args);
         return;
     }
-    if (kind == K_CALL && fast_call_args(e, frame)) {
-        emit(kind, e->id, lineno, T.depth, argbuf.p, (Py_ssize_t)argbuf.len);
-        return;
+    if (kind == K_CALL && fast_call_args(args, frame)) {
+        /* argbuf is shared by all threads: copy it before emit() can release the GIL */
+        text = PyBytes_FromStringAndSize(argbuf.p, (Py_ssize_t)argbuf.len);
+    } else if (kind == K_RETURN && (!arg || simple_value(arg))) {
+        text = fast_repr(arg ? arg : Py_None);
     }
-    if (kind == K_RETURN && (!arg || simple_value(arg))) {
-        PyObject *r = fast_repr(arg ? arg : Py_None);
-        Py_ssize_t len;
-        const char *txt = r ? PyUnicode_AsUTF8AndSize(r, &len) : NULL;
-        if (txt) {
-            emit(kind, e->id, lineno, T.depth, txt, len);
-            Py_DECREF(r);
-            return;
-        }
-        Py_XDECREF(r);
+    Py_XDECREF(args);
+    if (!text) {
         PyErr_Clear();
+        text = PyObject_CallFunction(cb_fmt, "iOO", kind, frame ? frame : Py_None,
+                                     arg ? arg : Py_None);
     }
-    PyObject *s = PyObject_CallFunction(cb_fmt, "iOO", kind, frame ? frame : Py_None,
-                                        arg ? arg : Py_None);
     const char *txt = NULL;
     Py_ssize_t len = 0;
-    if (s && PyUnicode_Check(s)) txt = PyUnicode_AsUTF8AndSize(s, &len);
+    if (text && PyBytes_Check(text)) {
+        txt = PyBytes_AS_STRING(text);
+        len = PyBytes_GET_SIZE(text);
+    } else if (text && PyUnicode_Check(text)) {
+        txt = PyUnicode_AsUTF8AndSize(text, &len);
+    }
     if (!txt) { PyErr_Clear(); txt = "<repr failed>"; len = 13; }
-    emit(kind, e->id, lineno, T.depth, txt, len);
-    Py_XDECREF(s);
+    emit(kind, id, lineno, T.depth, txt, len);
+    Py_XDECREF(text);
 }
 
 /* ---- settrace / profile backend (3.8-3.11) ----------------------------------------------- */

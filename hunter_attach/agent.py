@@ -231,7 +231,9 @@ class Session:
         kinds = filters.kinds_mask(self.filter.tree)
         walk = _narrows_code(self.filter.tree) and not _needs_counting(self.filter.tree)
         wanted = []
-        if walk is False or kinds & (1 << protocol.CALL):
+        # Line events are enabled per code object by decide(), which runs on a code's first
+        # event: a line-only query still needs the starts to see code objects at all.
+        if walk is False or kinds & ((1 << protocol.CALL) | (1 << protocol.LINE)):
             wanted += [(E.PY_START, t.mon_start), (E.PY_RESUME, t.mon_start),
                        (E.PY_THROW, t.mon_throw)]
         if walk is False or kinds & (1 << protocol.RETURN):

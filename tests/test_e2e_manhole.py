@@ -338,3 +338,13 @@ def test_output_file_perfetto_and_summary(tmp_path) -> None:
                 stack.pop()
             assert not stack or end <= stack[-1] + 1e-3
             stack.append(end)
+
+
+@pytest.mark.parametrize("version", sorted(PYTHONS))
+def test_line_only_query(version: str) -> None:
+    with Target(PYTHONS[version], "--manhole") as target:
+        result = cli("-p", str(target.pid), "--json", "--max-events", "50", "module=workload",
+                     "kind=line")
+        assert result.returncode == 0, result.stderr
+        events = json_events(result.stdout)
+        assert len(events) == 50 and {e["kind"] for e in events} == {"line"}
