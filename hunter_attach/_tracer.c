@@ -436,11 +436,31 @@ static int buf_json(buf_t *b, PyObject *str) {
     return buf_put(b, "\"", 1);
 }
 
-static int simple_value(PyObject *o) {
+static int scalar(PyObject *o) {
     PyTypeObject *t = Py_TYPE(o);
     return o == Py_None || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type ||
            t == &PyUnicode_Type || t == &PyBytes_Type;
 }
+
+/* An instance of a class defined in Python outside the modules saferepr treats specially:
+ * saferepr shows it with object.__repr__, which runs no user code. */
+static int plain_instance(PyObject *o) {
+    static const char *special[] = {"builtins", "io", "socket", "_socket", "zoneinfo",
+                                    "decimal", "collections", "datetime", "re", "types", NULL};
+    PyTypeObject *t = Py_TYPE(o);
+    if (!(t->tp_flags & Py_TPFLAGS_HEAPTYPE) || Py_TYPE((PyObject *)t) != &PyType_Type ||
+        PyType_IsSubtype(t, (PyTypeObject *)PyExc_BaseException))
+        return 0;
+    PyObject *mod = t->tp_dict ? PyDict_GetItemString(t->tp_dict, "__module__") : NULL;
+    if (!mod || !PyUnicode_CheckExact(mod)) return 0;
+    const char *name = PyUnicode_AsUTF8(mod);
+    if (!name) { PyErr_Clear(); return 0; }
+    for (int i = 0; special[i]; i++)
+        if (strcmp(name, special[i]) == 0) return 0;
+    return 1;
+}
+
+static int simple_value(PyObject *o) { return scalar(o) || plain_instance(o); }
 
 static PyObject *ends(PyObject *o, Py_ssize_t keep) {
     /* only the ends of a long str/bytes survive the cut: repr just those */
@@ -471,7 +491,7 @@ static PyObject *fast_repr(PyObject *o) {
     } else {
         Py_INCREF(src);
     }
-    PyObject *r = PyObject_Repr(src);
+    PyObject *r = plain_instance(src) ? PyBaseObject_Type.tp_repr(src) : PyObject_Repr(src);
     Py_DECREF(src);
     if (!r) { PyErr_Clear(); return NULL; }
     Py_ssize_t len = PyUnicode_GET_LENGTH(r);
@@ -487,46 +507,60 @@ static PyObject *fast_repr(PyObject *o) {
     return r;
 }
 
+/* Where a call's parameters are read from: the frame itself, except on 3.11, which has no
+ * public access to one local and gives its locals as a dict. A new reference or NULL. */
+static PyObject *locals_source(PyObject *frame) {
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
+    PyObject *locals = PyFrame_GetLocals((PyFrameObject *)frame);
+    if (locals && PyDict_Check(locals)) return locals;
+    Py_XDECREF(locals);
+    PyErr_Clear();
+    return NULL;
+#else
+    return Py_NewRef(frame);
+#endif
+}
+
 /* A parameter's value: a new reference, or NULL (then the agent's fmt takes over). */
-static PyObject *local_value(PyObject *frame, PyObject *name, Py_ssize_t index) {
+static PyObject *local_value(PyObject *source, PyObject *name, Py_ssize_t index) {
+    PyObject *v;
 #if PY_VERSION_HEX < 0x030B0000
     (void)name;
-    PyObject *v = ((PyFrameObject *)frame)->f_localsplus[index];  /* NULL when it is a cell */
+    v = ((PyFrameObject *)source)->f_localsplus[index];  /* NULL when it is a cell */
     Py_XINCREF(v);
-    return v;
-#elif PY_VERSION_HEX >= 0x030C0000
+#elif PY_VERSION_HEX < 0x030C0000
     (void)index;
-    PyObject *v = PyFrame_GetVar((PyFrameObject *)frame, name);
+    v = PyDict_GetItemWithError(source, name);
+    Py_XINCREF(v);
+#else
+    (void)index;
+    v = PyFrame_GetVar((PyFrameObject *)source, name);
+#endif
     if (!v) PyErr_Clear();
     return v;
-#else
-    (void)frame; (void)name; (void)index;
-    return NULL;  /* 3.11 has no cheap public access to one local */
-#endif
 }
 
 /* The JSON list of [name, repr] pairs of a call, into argbuf; 0 if the agent must make it. */
 static int fast_call_args(PyObject *spec_list, PyObject *frame) {
-    if (!spec_list || !frame) return 0;
+    PyObject *source = spec_list && frame ? locals_source(frame) : NULL;
+    if (!source) return 0;
     argbuf.len = 0;
-    if (buf_put(&argbuf, "[", 1)) return 0;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spec_list); i++) {
+    int ok = buf_put(&argbuf, "[", 1) == 0;
+    for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(spec_list); i++) {
         PyObject *spec = PyTuple_GET_ITEM(spec_list, i);
-        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3) return 0;
-        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 2));
-        if (index < 0) { PyErr_Clear(); return 0; }
-        PyObject *v = local_value(frame, PyTuple_GET_ITEM(spec, 1), index);
-        if (!v) return 0;
-        PyObject *r = simple_value(v) ? fast_repr(v) : NULL;
-        Py_DECREF(v);
-        if (!r) return 0;
-        int bad = (i && buf_put(&argbuf, ",", 1)) || buf_put(&argbuf, "[", 1) ||
-                  buf_json(&argbuf, PyTuple_GET_ITEM(spec, 0)) || buf_put(&argbuf, ",", 1) ||
-                  buf_json(&argbuf, r) || buf_put(&argbuf, "]", 1);
-        Py_DECREF(r);
-        if (bad) { PyErr_Clear(); return 0; }
+        Py_ssize_t index = PyTuple_Check(spec) && PyTuple_GET_SIZE(spec) == 3
+                               ? PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 2)) : -1;
+        PyObject *v = index >= 0 ? local_value(source, PyTuple_GET_ITEM(spec, 1), index) : NULL;
+        PyObject *r = v && simple_value(v) ? fast_repr(v) : NULL;
+        Py_XDECREF(v);
+        ok = r && !((i && buf_put(&argbuf, ",", 1)) || buf_put(&argbuf, "[", 1) ||
+                    buf_json(&argbuf, PyTuple_GET_ITEM(spec, 0)) || buf_put(&argbuf, ",", 1) ||
+                    buf_json(&argbuf, r) || buf_put(&argbuf, "]", 1));
+        Py_XDECREF(r);
     }
-    return buf_put(&argbuf, "]", 1) == 0;
+    Py_DECREF(source);
+    PyErr_Clear();
+    return ok && buf_put(&argbuf, "]", 1) == 0;
 }
 
 /* The common event path. `frame` may be NULL when the backend has none handy (it is then

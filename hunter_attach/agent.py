@@ -330,8 +330,11 @@ def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
         session = Session(sock, tracer, config)
         _install_fork_hook()
         threads = session.install()
+        backend = session.backend
+        if getattr(tracer, "IMPLEMENTATION", "c") == "python":
+            backend = "python-" + backend
         _send(sock, protocol.encode_json(protocol.READY, {
-            "backend": session.backend, "threads": threads, "aliases": session.filter.aliases,
+            "backend": backend, "threads": threads, "aliases": session.filter.aliases,
             "python": list(sys.version_info[:3]), "pid": os.getpid()}))
         reader = protocol.FrameReader(1 << 16)
         graceful = False

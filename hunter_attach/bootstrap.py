@@ -73,7 +73,7 @@ def _boot(path, token):
             spec.loader.exec_module(tracer)
             tracer.__hunter_attach_hash__ = load['tracer_hash']
         if not load['tracer']:
-            tracer = None
+            tracer = getattr(pkg, 'pytracer', None)  # the pure-Python twin
         pkg._tracer = tracer
         sys.modules['_hunter_attach._tracer'] = tracer
         pkg.agent.serve(s, tracer, load['config'])
