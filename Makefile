@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py hunter_attach/_tracer.c hunter_attach/inject/_helper.c
+SOURCES := pyproject.toml setup.py hunter_attach/_tracer.c hunter_attach/_speedups.c \
+           hunter_attach/inject/_helper.c
 
 .PHONY: help demo test lint bench stress soak asan clean
 

@@ -15,11 +15,12 @@ from typing import Any, Callable, List, Optional, Sequence, TextIO
 
 import click
 
-from . import build
+from . import build, fastpath
 from . import query as query_mod
 from . import target as target_mod
 from .errors import HunterAttachError, InjectionFailed, QueryError
 from .events import Event
+from .fastpath import Batch
 from .render import RenderOptions, make_renderers
 from .session import Drop, Session
 
@@ -80,7 +81,7 @@ def _inject(target: target_mod.Target, session: Session, use_gdb: bool, sig: Opt
 
 def run(pid: int, use_gdb: bool, sig: Optional[int], timeout: float, terms: Sequence[str],
         out: TextIO, render_options: RenderOptions, config_extra: dict, max_events: int,
-        duration: Optional[float], verbose: bool) -> int:
+        duration: Optional[float], verbose: bool, backend: str = "auto") -> int:
     log: Callable[[str], None] = (lambda s: _say(s)) if verbose else (lambda s: None)
     tree = query_mod.parse_query(terms)
     log("query: %s" % query_mod.describe(tree))
@@ -89,11 +90,18 @@ def run(pid: int, use_gdb: bool, sig: Optional[int], timeout: float, terms: Sequ
     if use_gdb:
         target_mod.check_gdb()
         target_mod.check_ptrace(target)
-    tracer = build.tracer_for(target.version, target.host_path(target.exe), log)
-    if tracer is None:
-        raise InjectionFailed(
-            "no compiled tracer for CPython %s" % ".".join(map(str, target.version)),
-            "Install a C compiler and the Python headers of the target's interpreter.")
+    tracer = None
+    if backend != "python":
+        tracer = build.tracer_for(target.version, target.host_path(target.exe), log)
+        version = ".".join(map(str, target.version))
+        if tracer is None and backend == "c":
+            raise InjectionFailed(
+                "no compiled tracer for CPython %s (-v says why)" % version,
+                "Install a C compiler and the target interpreter's headers, or use "
+                "--backend python.")
+        if tracer is None:
+            _say("no compiled tracer for CPython %s (-v says why): using the pure-Python "
+                 "tracer, which is slower" % version)
     config = dict(config_extra, query=tree)
     renderers = make_renderers(render_options, out)
     status = Status(sys.stderr.isatty() and out is not sys.stderr)
@@ -145,16 +153,32 @@ def _stream(session: Session, renderers: List[Any], status: Status, max_events: 
             session.request_stop()
             stop_deadline = time.monotonic() + 5.0
 
-    items = session.items(poll=0.1)
+    # The fast pipeline (fastpath.py): a Batch per RECORDS frame, rendered text written at once.
+    sink = fastpath.make_sink(session, renderers)
+    items = session.items(poll=0.1, sink=sink)
     while True:
         try:
+            if sink is not None:
+                # How many events the sink may still render: the decoding goes on after.
+                sink.limit = (-1 if not max_events else max(max_events - seen, 0)) \
+                    if rendering else 0
             try:
                 item = next(items)
             except StopIteration:
                 break
             if requested:
                 stop()
-            if isinstance(item, Event):
+            if isinstance(item, Batch):
+                assert sink is not None
+                seen += item.events
+                status.dropped += item.dropped
+                if rendering:
+                    status.shown += item.rendered
+                    if max_events and seen >= max_events:
+                        rendering = False
+                        stop()
+                    sink.emit(item)
+            elif isinstance(item, Event):
                 seen += 1
                 if rendering:
                     for r in renderers:
@@ -165,8 +189,10 @@ def _stream(session: Session, renderers: List[Any], status: Status, max_events: 
                         stop()
             elif isinstance(item, Drop):
                 status.dropped += item.count
-                for r in renderers:
-                    r.drop(item.count, item.seq)
+                # Like the events: nothing more once --max-events is reached or stdout closed.
+                if rendering:
+                    for r in renderers:
+                        r.drop(item.count, item.seq)
             else:
                 for r in renderers:
                     r.flush()
@@ -231,12 +257,16 @@ def _silence_stdout() -> None:
 @click.option("--drop", is_flag=True,
               help="Drop events instead of slowing the target when the CLI falls behind.")
 @click.option("--pid-prefix", is_flag=True, help="Prefix each text line with the pid.")
+@click.option("--backend", type=click.Choice(["auto", "c", "python"]), default="auto",
+              show_default=True,
+              help="The in-target tracer: the C one (auto falls back to the pure-Python one, "
+                   "with a warning, when none can be built for the target).")
 @click.option("-v", "--verbose", is_flag=True, help="Show what happens while attaching.")
 @click.argument("query", nargs=-1)
 def main(pid: int, use_gdb: bool, signal_name: Optional[str], timeout: float,
          output: Optional[str], as_json: bool, printer: str, color: str, perfetto: Optional[str],
          summary: bool, repr_limit: int, max_events: int, duration: Optional[float], drop: bool,
-         pid_prefix: bool, verbose: bool, query: Sequence[str]) -> None:
+         pid_prefix: bool, backend: str, verbose: bool, query: Sequence[str]) -> None:
     """Trace a running Python process: hunter-style QUERY terms, ANDed, e.g. module=os.path."""
     out: TextIO = sys.stdout
     try:
@@ -256,7 +286,7 @@ def main(pid: int, use_gdb: bool, signal_name: Optional[str], timeout: float,
                                 summary=summary, color=color, pid_prefix=pid_prefix, quiet=quiet)
         config = {"repr_limit": repr_limit, "drop": drop}
         code = run(pid, use_gdb, sig, timeout, query, out, options, config, max_events, duration,
-                   verbose)
+                   verbose, backend)
     except HunterAttachError as exc:
         _say(exc.message)
         if exc.hint:

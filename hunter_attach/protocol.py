@@ -76,8 +76,8 @@ def encode_json(ftype: int, obj: Any) -> bytes:
 def decode_json(payload: bytes) -> Dict[str, Any]:
     try:
         obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FrameError("invalid JSON payload: %s" % exc) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FrameError("invalid JSON payload: %s" % type(exc).__name__) from None
     if not isinstance(obj, dict):
         raise FrameError("JSON payload is not an object")
     return obj

@@ -20,15 +20,18 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import bootstrap, protocol
 from .build import Tracer
 from .errors import AttachTimeout, InjectionFailed, ProtocolError, TargetExited
 from .events import CodeInfo, Event, ThreadInfo
 
+if TYPE_CHECKING:
+    from .fastpath import Batch, Sink
+
 # Shipped into the target in this order (each imports only those before it).
-AGENT_MODULES = ("protocol", "saferepr", "filters", "agent")
+AGENT_MODULES = ("protocol", "saferepr", "filters", "agent", "pytracer")
 _PKG_DIR = Path(__file__).parent
 
 
@@ -47,8 +50,9 @@ class Drop:
 
 
 # None is a tick: the end of a batch, or a poll interval without data. The CLI flushes its
-# output and checks its timers on ticks.
-Item = Union[Event, Drop, None]
+# output and checks its timers on ticks. With a sink (hunter_attach.fastpath), a RECORDS frame
+# gives one fastpath.Batch instead of its events and drops.
+Item = Union[Event, Drop, "Batch", None]
 
 
 def _world_readable(path: str) -> bool:
@@ -86,6 +90,35 @@ def _exits_soon(pid: int, wait: float = 0.5) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def _control(payload: bytes) -> Dict[str, Any]:
+    try:
+        return protocol.decode_json(payload)
+    except protocol.FrameError as exc:
+        raise ProtocolError("corrupt control frame from the agent: %s" % exc) from None
+
+
+def _field(rec: Dict[str, Any], name: str, kind: type, bits: int = 32) -> Any:
+    value: Any = rec.get(name)
+    # bool is an int subclass: an id of True, or a stdlib of 1, is still a type error
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise protocol.FrameError("metadata field %r is not a %s" % (name, kind.__name__))
+    if isinstance(value, int) and kind is int and not 0 <= value < 1 << bits:
+        raise protocol.FrameError("metadata field %r is out of range" % name)
+    return value
+
+
+def _int_key(key: str) -> int:
+    if not key.isdigit() or len(key) > 9:
+        raise protocol.FrameError("bad line number %r in a CODE record" % key[:20])
+    return int(key)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise protocol.FrameError("a source line is not a string")
+    return value
 
 
 class Session:
@@ -263,14 +296,14 @@ class Session:
         return ftype, payload
 
     # ---- streaming ----------------------------------------------------------------------
-    def items(self, poll: float = 0.2) -> Iterator[Item]:
+    def items(self, poll: float = 0.2, sink: Optional[Sink] = None) -> Iterator[Item]:
         """Events, drop markers and ticks (None) until the agent says BYE or the connection
-        ends.
+        ends; with a ``sink``, a Batch per RECORDS frame instead of its events and drops.
 
         Raises TargetExited when the target went away, ProtocolError on a corrupt stream."""
         assert self.conn is not None
         for ftype, payload in self._early:
-            yield from self._handle(ftype, payload)
+            yield from self._handle(ftype, payload, sink)
         self._early = []
         while self.bye is None:
             self.conn.settimeout(poll)
@@ -290,22 +323,62 @@ class Session:
             except protocol.FrameError as exc:
                 raise ProtocolError("corrupt stream from the agent: %s" % exc) from None
             for ftype, payload in frames:
-                yield from self._handle(ftype, payload)
+                yield from self._handle(ftype, payload, sink)
             yield None
 
-    def _handle(self, ftype: int, payload: bytes) -> Iterator[Item]:
+    def _handle(self, ftype: int, payload: bytes, sink: Optional[Sink] = None
+                ) -> Iterator[Item]:
         if ftype == protocol.RECORDS:
+            if sink is not None:
+                yield from self._feed(sink, payload)
+                return
             try:
                 yield from self._decode(payload)
             except (protocol.FrameError, KeyError, TypeError, ValueError) as exc:
                 raise ProtocolError("corrupt record from the agent: %s" % exc) from None
         elif ftype == protocol.BYE:
-            self.bye = protocol.decode_json(payload)
+            self.bye = _control(payload)
         elif ftype == protocol.ERROR:
-            message = protocol.decode_json(payload).get("message", "?")
+            message = _control(payload).get("message", "?")
             raise InjectionFailed("the agent stopped: %s" % message)
         else:
             raise ProtocolError("unexpected frame type %d" % ftype)
+
+    def _feed(self, sink: Sink, payload: bytes) -> Iterator[Item]:
+        """The fast pipeline: the whole payload through the sink, one Batch. Events before a
+        corrupt record are delivered, then the error is raised, as _decode does."""
+        sink.seq = self.seq
+        batch = sink.feed(payload)
+        self.seq = sink.seq
+        exc = batch.error
+        batch.error = None
+        if batch.events or batch.dropped or batch.chunks or batch.items:
+            yield batch
+        if exc is not None:
+            if isinstance(exc, (protocol.FrameError, KeyError, TypeError, ValueError)):
+                raise ProtocolError("corrupt record from the agent: %s" % exc) from None
+            raise exc
+
+    def _register(self, rtype: int, rec: Any) -> bool:
+        """A decoded CODE or THREAD record. True when it replaces an id already known.
+        Raises FrameError when a field has the wrong type: the agent is not trusted."""
+        if rtype == protocol.REC_CODE:
+            lines = _field(rec, "lines", dict)
+            code = CodeInfo(
+                id=_field(rec, "id", int), filename=_field(rec, "filename", str),
+                module=_field(rec, "module", str), function=_field(rec, "function", str),
+                qualname=_field(rec, "qualname", str),
+                firstlineno=_field(rec, "firstlineno", int), stdlib=_field(rec, "stdlib", bool),
+                lines={_int_key(k): _text(v) for k, v in lines.items()},
+                fullsource=_field(rec, "fullsource", str))
+            known = code.id in self.codes
+            self.codes[code.id] = code
+            return known
+        thread = ThreadInfo(id=_field(rec, "id", int), ident=_field(rec, "ident", int, 64),
+                            name=_field(rec, "name", str), main=_field(rec, "main", bool))
+        known = thread.id in self.threads
+        self.threads[thread.id] = thread
+        return known
 
     def _decode(self, payload: bytes) -> Iterator[Item]:
         kinds = protocol.KINDS
@@ -318,12 +391,8 @@ class Session:
                 yield Event(kinds[kind], codes[code], threads[thread], lineno, depth, ts / 1e9,
                             arg, self.seq, pid)
                 self.seq += 1
-            elif rtype == protocol.REC_CODE:
-                info = dict(rec)
-                info["lines"] = {int(k): v for k, v in info.get("lines", {}).items()}
-                codes[int(info["id"])] = CodeInfo(**info)
-            elif rtype == protocol.REC_THREAD:
-                threads[int(rec["id"])] = ThreadInfo(**rec)
+            elif rtype == protocol.REC_CODE or rtype == protocol.REC_THREAD:
+                self._register(rtype, rec)
             elif rtype == protocol.REC_DROP:
                 yield Drop(int(rec), self.seq)
                 self.seq += int(rec)

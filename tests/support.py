@@ -93,6 +93,11 @@ class Target:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+        # a killed manhole cannot remove its socket, and a later process may get the same pid
+        try:
+            os.unlink("/tmp/manhole-%d" % self.proc.pid)
+        except OSError:
+            pass
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()

@@ -348,3 +348,17 @@ def test_line_only_query(version: str) -> None:
         assert result.returncode == 0, result.stderr
         events = json_events(result.stdout)
         assert len(events) == 50 and {e["kind"] for e in events} == {"line"}
+
+
+@pytest.mark.parametrize("version", ["3.8", "3.11", "3.13"])
+def test_pure_python_backend(version: str) -> None:
+    """--backend python: the twin tracer, shipped as source, gives the same events."""
+    if version not in PYTHONS:
+        pytest.skip("CPython %s is not installed" % version)
+    with Target(PYTHONS[version], "--manhole", "--threads", "2") as target:
+        result = cli("-p", str(target.pid), "--backend", "python", "--json", "--max-events",
+                     "2000", "module=workload")
+        assert result.returncode == 0, result.stderr
+        assert "backend python-" in result.stderr
+        assert check_depths(json_events(result.stdout)) > 500
+        assert clean(target.status())

@@ -8,9 +8,8 @@ MemoryError, RecursionError...), nothing may hang, and the frame reader must nev
 one frame plus one read: a length above its limit is refused as soon as the 5-byte header is
 complete, before any of the payload arrives.
 
-Known bugs are pinned by ``xfail(strict=True)`` tests at the end of this file, each with the exact
-input; when one is fixed its test starts passing, strict xfail turns that into a failure, and the
-marker must go.
+The tests at the end of this file each hold one exact input that once crashed the decoder
+(deep JSON nesting, non-finite ids, mistyped metadata, corrupt BYE/ERROR frames).
 """
 
 from __future__ import annotations
@@ -122,8 +121,8 @@ json_value = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=3),
                             st.dictionaries(st.text(max_size=6), inner, max_size=3)),
     max_leaves=8)
-# The same without the shapes known to crash the decoder today (see the xfail tests below):
-# non-finite numbers, and containers where an object is expected.
+# The same without non-finite numbers and containers where an object is expected (the full
+# range is test_session_survives_any_metadata).
 json_scalar_tame = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
                              st.floats(allow_nan=False, allow_infinity=False),
                              st.text(max_size=8))
@@ -242,7 +241,7 @@ def check_record(rtype: int, rec: Any) -> None:
 
 def check_item(item: Any, session: Session) -> None:
     """Structure every consumer relies on; the metadata's field types are checked separately
-    (test_decoded_metadata_is_well_typed, xfail)."""
+    (test_decoded_metadata_is_well_typed)."""
     if isinstance(item, Event):
         assert item.kind in protocol.KINDS
         assert isinstance(item.code, CodeInfo) and isinstance(item.thread, ThreadInfo)
@@ -514,8 +513,8 @@ def test_session_survives_corrupt_records(session: Session, payloads: List[bytes
 def test_session_control_frames(session: Session, data: Any,
                                 frames: List[Tuple[int, bytes]]) -> None:
     """Every frame type, with arbitrary payloads, through _handle: items, ProtocolError, or the
-    agent's own ERROR reported as InjectionFailed. Excludes BYE and ERROR with invalid JSON
-    (test_session_bye_with_invalid_json, xfail)."""
+    agent's own ERROR reported as InjectionFailed. BYE and ERROR with invalid JSON:
+    test_session_bye_with_invalid_json."""
     from hunter_attach.errors import HunterAttachError
     s = fresh(session)
     for ftype, payload in frames:
@@ -551,10 +550,6 @@ def _only_protocol_error(payload: bytes, ftype: int = protocol.RECORDS) -> None:
         s.close()
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "protocol.decode_json catches only UnicodeDecodeError/ValueError: json.loads raises "
-    "RecursionError on deeply nested JSON ('[' * 100000), which escapes iter_records and "
-    "Session._handle"))
 def test_deeply_nested_metadata() -> None:
     try:
         list(protocol.iter_records(CODE_DEEP))
@@ -563,25 +558,15 @@ def test_deeply_nested_metadata() -> None:
     _only_protocol_error(CODE_DEEP)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "Session._decode: int(info['id']) / int(rec['id']) raise OverflowError for a JSON "
-    "Infinity (or 1e999) id; _handle maps only FrameError/KeyError/TypeError/ValueError"))
 @pytest.mark.parametrize("payload", [CODE_INF_ID, THREAD_INF_ID], ids=["code", "thread"])
 def test_non_finite_metadata_id(payload: bytes) -> None:
     _only_protocol_error(payload)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "Session._decode: info.get('lines', {}).items() raises AttributeError when a CODE "
-    "record's lines is not an object (a list, a string, a number)"))
 def test_code_lines_not_an_object() -> None:
     _only_protocol_error(CODE_LIST_LINES)
 
 
-@pytest.mark.xfail(strict=True, raises=protocol.FrameError, reason=(
-    "Session._handle: protocol.decode_json raises FrameError for a BYE or ERROR frame whose "
-    "payload is not a JSON object; it is not mapped to ProtocolError, and cli._stream does not "
-    "catch FrameError"))
 @pytest.mark.parametrize("ftype", [protocol.BYE, protocol.ERROR], ids=["bye", "error"])
 def test_session_bye_with_invalid_json(ftype: int) -> None:
     from hunter_attach.errors import InjectionFailed
@@ -591,10 +576,6 @@ def test_session_bye_with_invalid_json(ftype: int) -> None:
         pass
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Session._decode does not check the field types of CODE/THREAD metadata: "
-    "CodeInfo(filename=5, lines={3: 7}) and ThreadInfo(name=None) are accepted and the "
-    "renderers fail later on them"))
 def test_decoded_metadata_is_well_typed() -> None:
     s = Session(pid=os.getpid(), uid=os.getuid(), root="/", config={}, tracer=None,
                 log=lambda _msg: None)
@@ -614,9 +595,6 @@ def test_decoded_metadata_is_well_typed() -> None:
     assert isinstance(ev.thread.name, str)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the full-range fuzz: metadata of any JSON shape (lists, non-finite numbers, nesting) "
-    "through Session._handle; fails today on the bugs pinned above"))
 @FUZZ
 @given(st.lists(record_stream(tame=False), min_size=1, max_size=3))
 @example([CODE_LIST_LINES])

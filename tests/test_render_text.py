@@ -6,6 +6,10 @@ way the agent does (per-thread depth counted like hunter's tracer, arguments as 
 pairs in hunter's ``get_arguments`` order, reprs by hunter's ``safe_repr`` cut to repr_limit).
 Rendering the captured events must give hunter's text, line for line, with and without colors.
 The deliberate differences (see hunter_attach/render/text.py) have their own tests.
+
+The same events also go through the CLI's fast pipeline (hunter_attach.fastpath): encoded as the
+agent's RECORDS stream, decoded and rendered from templates by the pure-Python sink and by the C
+extension, they must give hunter's text too.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from hunter.actions import CallPrinter, CodePrinter
 from hunter.tracer import Tracer as PyTracer
 from hunter.util import MISSING, get_arguments, safe_repr
 
+from hunter_attach import fastpath, protocol
 from hunter_attach.events import CodeInfo, Event, ThreadInfo
 from hunter_attach.render import RenderOptions, make_renderers
 from hunter_attach.render.text import CallTextRenderer, CodeTextRenderer
+from hunter_attach.session import Session
 
 REPR_LIMIT = 1024
 
@@ -299,11 +305,64 @@ def assert_same(ours: str, theirs: str) -> None:
     assert ours == theirs
 
 
+def encode(events: List[Event]) -> bytes:
+    """The RECORDS payload the agent would have sent for these events (one process)."""
+    out: List[bytes] = []
+    codes: Dict[int, CodeInfo] = {}
+    threads: Dict[int, ThreadInfo] = {}
+    for ev in events:
+        if ev.thread.id not in threads:
+            threads[ev.thread.id] = ev.thread
+            t = ev.thread
+            out.append(protocol.encode_meta(protocol.REC_THREAD, {
+                "id": t.id, "ident": t.ident, "name": t.name, "main": t.main}))
+        if ev.code.id not in codes:
+            codes[ev.code.id] = c = ev.code
+            out.append(protocol.encode_meta(protocol.REC_CODE, {
+                "id": c.id, "filename": c.filename, "module": c.module, "function": c.function,
+                "qualname": c.qualname, "firstlineno": c.firstlineno, "stdlib": c.stdlib,
+                "lines": {str(k): v for k, v in c.lines.items()}, "fullsource": c.fullsource}))
+        arg = ev.arg.encode() if ev.arg is not None else None
+        out.append(protocol.EVENT.pack(
+            protocol.REC_EVENT, protocol.KINDS.index(ev.kind),
+            protocol.FLAG_ARG if arg is not None else 0, ev.thread.id, ev.code.id, ev.lineno,
+            ev.depth, int(ev.ts * 1e9)))
+        if arg is not None:
+            out.append(protocol.U32.pack(len(arg)) + arg)
+    return b"".join(out)
+
+
+FAST_PIPELINES = ["py", "c"] if fastpath.available() else ["py"]
+
+
+def render_fast(events: List[Event], printer: str, color: bool, use_c: bool,
+                **options: Any) -> str:
+    """``render`` through the fast pipeline: the events as a stream, decoded by a sink."""
+    session = Session(pid=events[0].pid, uid=os.getuid(), root="/", config={}, tracer=None,
+                      log=lambda _msg: None)
+    try:
+        out = io.StringIO()
+        cls = CallTextRenderer if printer == "call" else CodeTextRenderer
+        r = cls(out, color=color, **options)
+        sink = fastpath.make_sink(session, [r], use_c=use_c)
+        assert sink is not None and sink.renderer is r
+        for batch in session._handle(protocol.RECORDS, encode(events), sink):
+            assert isinstance(batch, fastpath.Batch) and batch.error is None
+            sink.emit(batch)
+        r.close()
+        return out.getvalue()
+    finally:
+        session.close()
+
+
 def check_all(outputs: Dict[str, str], events: List[Event], **options: Any) -> None:
     assert events, "nothing was captured"
     for name, theirs in outputs.items():
         printer, _, color = name.partition("-")
         assert_same(render(events, printer, bool(color), **options), theirs)
+        for pipeline in FAST_PIPELINES:
+            assert_same(render_fast(events, printer, bool(color), pipeline == "c", **options),
+                        theirs)
 
 
 def test_call_and_code_printers(modules: Dict[str, Dict[str, Any]]) -> None:

@@ -15,6 +15,9 @@ options ask for with :func:`make_renderers` and feeds each of them every event, 
 - jsonl.py: ``--json``, one object per line (schema in ``jsonl.EVENT_SCHEMA``).
 - perfetto.py: ``--perfetto FILE``, Chrome trace-event JSON, written at close.
 - summary.py: ``--summary``, a ``strace -c`` like table, printed at close.
+
+Text and JSON renderers also describe their lines as templates (template.py), which the CLI's
+fast pipeline (hunter_attach.fastpath) caches and fills in, in C when it can.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from json.encoder import encode_basestring_ascii
 from typing import Any, Callable, Dict, Optional, TextIO, Tuple
 
 from ..events import CodeInfo, Event, ThreadInfo
+from .template import ARG_JSON_CALL, ARG_JSON_STR, ARG_NONE, DEPTH_NUMBER
 
 _REPR_PAIR: Dict[str, Any] = {
     "type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "string"},
@@ -128,9 +129,25 @@ class JsonRenderer:
             # target must not make the whole output unparsable.
             return "[" + ",".join(["[" + _str(str(name)) + "," + _str(str(value)) + "]"
                                    for name, value in _loads(arg)]) + "]"
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             # Keep the schema (a list of pairs) even when the agent sent something else.
             return '[["?",' + _str(arg) + "]]"
+
+    def template(self, kind: str, code: CodeInfo, thread: ThreadInfo, lineno: int,
+                 pid: int) -> Tuple[str, str, str, int, int, int]:
+        """For the fast path: see render/template.py (the generation never changes)."""
+        pre = _KIND_HEAD[kind] + self._code_line(code, lineno)
+        post = self._thread(thread)
+        if kind == "line":
+            return pre, post + "null", "", ARG_NONE, DEPTH_NUMBER, 0
+        return pre, post, "", ARG_JSON_CALL if kind == "call" else ARG_JSON_STR, DEPTH_NUMBER, 0
+
+    def format_arg(self, mode: int, arg: Optional[str]) -> str:
+        if mode == ARG_JSON_CALL:
+            return self._call_arg(arg)
+        if mode == ARG_JSON_STR:
+            return '""' if arg is None else _str(arg)
+        return ""
 
     def event(self, ev: Event) -> None:
         kind = ev.kind
@@ -156,11 +173,14 @@ class JsonRenderer:
         self._write(f'{_KIND_HEAD[kind]}{frag}{ev.depth}{tfrag}{arg_text},'
                     f'"ts":{float(ev.ts)!r},"pid":{ev.pid},"seq":{ev.seq}}}\n')
 
-    def drop(self, count: int, seq: int, pid: Optional[int] = None) -> None:
+    def drop_text(self, count: int, seq: int, pid: Optional[int] = None) -> str:
         obj: Dict[str, Any] = {"kind": "drop", "count": count, "seq": seq}
         if pid is not None:
             obj["pid"] = pid
-        self._write(_dumps(obj, separators=(",", ":")) + "\n")
+        return _dumps(obj, separators=(",", ":")) + "\n"
+
+    def drop(self, count: int, seq: int, pid: Optional[int] = None) -> None:
+        self._write(self.drop_text(count, seq, pid))
 
     def flush(self) -> None:
         self.stream.flush()

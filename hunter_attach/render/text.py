@@ -34,8 +34,18 @@ from __future__ import annotations
 import json
 from typing import Callable, Dict, List, Optional, Set, TextIO, Tuple
 
-from ..events import CodeInfo, Event
+from ..events import CodeInfo, Event, ThreadInfo
 from .color import CALL_COLORS, CODE_COLORS, NO_COLORS, NO_EVENT_COLORS, OTHER_COLORS
+from .template import (
+    ARG_CALL,
+    ARG_NONE,
+    ARG_RAW,
+    DEPTH_INDENT,
+    DEPTH_INDENT_PARENT,
+    DEPTH_NONE,
+)
+
+Template = Tuple[str, str, str, int, int, int]
 
 _INDENTS = ["   " * i for i in range(128)]
 _NO_SOURCE = "??? NO SOURCE: "
@@ -115,6 +125,8 @@ class _TextRenderer:
         self._lname: Optional[str] = None
         self._lead = ""
         self._closed = False
+        # Bumped whenever the pid or thread column appears: leads made before are stale.
+        self.generation = 0
 
     # -- prefixes -------------------------------------------------------------------------------
 
@@ -124,17 +136,24 @@ class _TextRenderer:
         return "{:{}}".format(f"[{pid}]", self.pid_alignment)
 
     def _update_lead(self, ev: Event) -> str:
-        thread = ev.thread
-        pid = ev.pid
+        return self._lead_of(ev.thread, ev.pid)
+
+    def _lead_of(self, thread: ThreadInfo, pid: int) -> str:
+        """The pid and thread columns for an event of ``thread`` in ``pid`` (registering both,
+        which can turn a column on: then ``generation`` changes)."""
+        if thread is self._lthread and pid == self._lpid and thread.name is self._lname:
+            return self._lead
         if pid not in self._pids:
             self._pids.add(pid)
-            if len(self._pids) > 1:
+            if len(self._pids) > 1 and not self._show_pid:
                 self._show_pid = True
+                self.generation += 1
         idents = self._threads.setdefault(pid, set())
         if thread.ident not in idents:
             idents.add(thread.ident)
-            if len(idents) > 1:
+            if len(idents) > 1 and not self._show_threads:
                 self._show_threads = True
+                self.generation += 1
         lead = self._pid_part(pid)
         if self._show_threads:
             name = thread.name
@@ -148,10 +167,7 @@ class _TextRenderer:
         return lead
 
     def _lead_for(self, ev: Event) -> str:
-        thread = ev.thread
-        if thread is self._lthread and ev.pid == self._lpid and thread.name is self._lname:
-            return self._lead
-        return self._update_lead(ev)
+        return self._lead_of(ev.thread, ev.pid)
 
     # -- per-code strings -----------------------------------------------------------------------
 
@@ -184,10 +200,30 @@ class _TextRenderer:
     def event(self, ev: Event) -> None:
         raise NotImplementedError
 
-    def drop(self, count: int, seq: int, pid: Optional[int] = None) -> None:
+    def template(self, kind: str, code: CodeInfo, thread: ThreadInfo, lineno: int,
+                 pid: int) -> Template:
+        """For the fast path: see render/template.py. Registers the thread and pid, as
+        event() does."""
+        raise NotImplementedError
+
+    def format_arg(self, mode: int, arg: Optional[str]) -> str:
+        """The argument's part of an event's text, for a template's ``mode``."""
+        if mode == ARG_CALL:
+            return self._format_args(arg) if arg else ""
+        if mode == ARG_RAW:
+            return arg if arg is not None else ""
+        return ""
+
+    def _format_args(self, arg: str) -> str:
+        return arg
+
+    def drop_text(self, count: int, seq: int, pid: Optional[int] = None) -> str:
         c = self.colors
-        self._write("{}{}hunter-trace: ... {} event{} dropped at seq {} ...{}\n".format(
-            self._pid_part(pid), c["DROP"], count, "" if count == 1 else "s", seq, c["RESET"]))
+        return "{}{}hunter-trace: ... {} event{} dropped at seq {} ...{}\n".format(
+            self._pid_part(pid), c["DROP"], count, "" if count == 1 else "s", seq, c["RESET"])
+
+    def drop(self, count: int, seq: int, pid: Optional[int] = None) -> None:
+        self._write(self.drop_text(count, seq, pid))
 
     def flush(self) -> None:
         self.stream.flush()
@@ -221,7 +257,7 @@ class CallTextRenderer(_TextRenderer):
                     prefix = ""
                 parts.append(f"{vars_}{prefix}{vars_name}{name}{vars_}={reset}{value}")
             return ", ".join(parts)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             # Not the agent's JSON list of pairs: show what came rather than nothing.
             return arg
 
@@ -241,11 +277,7 @@ class CallTextRenderer(_TextRenderer):
         if kind == "line":
             pair = cf.lines.get(lineno)
             if pair is None:
-                pair = cf.lines[lineno] = (
-                    self._loc(cf, lineno) + _kind_col(self, "line") + self.colors["RESET"],
-                    self._try_source(code, code.source(lineno)).strip() + self.colors["RESET"]
-                    + "\n",
-                )
+                pair = self._line_pair(cf, lineno)
             self._write(lead + pair[0] + (_INDENTS[depth] if 0 <= depth < 128 else _indent(depth))
                         + pair[1])
             return
@@ -262,6 +294,34 @@ class CallTextRenderer(_TextRenderer):
         elif kind == "exception":
             self._write(lead + loc + cf.exc_head + _indent(depth - 1) + cf.exc_mid
                         + (arg if arg is not None else "") + "\n")
+
+    def _line_pair(self, cf: _CodeFmt, lineno: int) -> Tuple[str, str]:
+        code = cf.code
+        pair = cf.lines[lineno] = (
+            self._loc(cf, lineno) + _kind_col(self, "line") + self.colors["RESET"],
+            self._try_source(code, code.source(lineno)).strip() + self.colors["RESET"] + "\n",
+        )
+        return pair
+
+    def template(self, kind: str, code: CodeInfo, thread: ThreadInfo, lineno: int,
+                 pid: int) -> Template:
+        # The strings event() puts together, split at the indentation and the argument.
+        lead = self._lead_of(thread, pid)
+        cf = self._fmt(code)
+        gen = self.generation
+        if kind == "line":
+            pair = cf.lines.get(lineno)
+            if pair is None:
+                pair = self._line_pair(cf, lineno)
+            return lead + pair[0], pair[1], "", ARG_NONE, DEPTH_INDENT, gen
+        loc = self._loc(cf, lineno)
+        if kind == "call":
+            return lead + loc + cf.call_head, cf.call_mid, cf.call_tail, ARG_CALL, DEPTH_INDENT, gen
+        if kind == "return":
+            return lead + loc + cf.ret_head, cf.ret_mid, "\n", ARG_RAW, DEPTH_INDENT, gen
+        if kind == "exception":
+            return lead + loc + cf.exc_head, cf.exc_mid, "\n", ARG_RAW, DEPTH_INDENT_PARENT, gen
+        return "", "", "", ARG_NONE, DEPTH_NONE, gen
 
 
 class CodeTextRenderer(_TextRenderer):
@@ -314,6 +374,23 @@ class CodeTextRenderer(_TextRenderer):
                 lead, self.blank, c["CONT"], self.event_colors.get(kind, ""), kind, c["NORMAL"],
                 arg if arg is not None else "", c["RESET"])
         self._write(out)
+
+    def template(self, kind: str, code: CodeInfo, thread: ThreadInfo, lineno: int,
+                 pid: int) -> Template:
+        lead = self._lead_of(thread, pid)
+        cf = self._fmt(code)
+        key = (kind, lineno)
+        block = cf.blocks.get(key)
+        if block is None:
+            block = cf.blocks[key] = tuple(self._block(cf, kind, lineno))
+        out = "".join([lead + part for part in block])
+        if kind == "return" or kind == "exception":
+            c = self.colors
+            head = "{}{}{}{}...       {}{} value: {}".format(
+                out, lead, self.blank, c["CONT"], self.event_colors.get(kind, ""), kind,
+                c["NORMAL"])
+            return head, "", c["RESET"] + "\n", ARG_RAW, DEPTH_NONE, self.generation
+        return out, "", "", ARG_NONE, DEPTH_NONE, self.generation
 
 
 def text_renderer(stream: TextIO, printer: str = "call", *, color: bool = False,
