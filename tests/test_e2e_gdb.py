@@ -109,11 +109,17 @@ def _unshare_works() -> bool:
 def test_gdb_target_in_another_mount_namespace() -> None:
     """Like a container: the target has its own /tmp, which the CLI reaches through
     /proc/PID/root; the agent, the tracer and the helper go there, and nothing stays."""
+    import shutil
     import subprocess
+    import tempfile
 
     python = PYTHONS[max(PYTHONS)]
+    # The new /tmp hides everything under /tmp, possibly this checkout: run a copy of the app.
+    apps = tempfile.mkdtemp(prefix="ha-test-apps-", dir="/var/tmp")
+    shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps"),
+                    os.path.join(apps, "apps"))
     script = "mount -t tmpfs tmpfs /tmp && exec %s %s" % (
-        python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps", "service.py"))
+        python, os.path.join(apps, "apps", "service.py"))
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -129,3 +135,4 @@ def test_gdb_target_in_another_mount_namespace() -> None:
     finally:
         proc.kill()
         proc.wait()
+        shutil.rmtree(apps)
