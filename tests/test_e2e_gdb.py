@@ -136,3 +136,17 @@ def test_gdb_target_in_another_mount_namespace() -> None:
         proc.kill()
         proc.wait()
         shutil.rmtree(apps)
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="no system Python here")
+def test_gdb_system_python() -> None:
+    """The distribution's interpreter (Debian's is statically linked: no libpython to map)."""
+    with Target(SYSTEM_PYTHON) as target:
+        result = cli("-p", str(target.pid), "--gdb", "--json", "--max-events", "20",
+                     "module=workload")
+        assert result.returncode == 0, result.stderr
+        assert len(json_events(result.stdout)) == 20
+        assert clean(target.status())
