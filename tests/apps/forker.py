@@ -11,7 +11,7 @@
   exec sleep          os.execv into `sleep 30` (same pid, no Python any more)
   exec python         os.execv into this interpreter running `time.sleep(30)`
   quit                exit 0
-Options: --threads N (idle workers, as service.py), --busy.
+Options: --threads N (idle workers, as service.py), --busy, --manhole [--handler exec|repl].
 """
 
 import argparse
@@ -96,7 +96,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--busy", action="store_true")
+    p.add_argument("--manhole", action="store_true")
+    p.add_argument("--handler", default="exec")
     args = p.parse_args()
+    if args.manhole:
+        import manhole
+
+        # patch_fork=False: a forked child does not open a manhole of its own
+        manhole.install(connection_handler=args.handler, daemon_connection=True,
+                        redirect_stderr=False, patch_fork=False)
     for n in range(args.threads):
         threading.Thread(target=service.worker, args=(args.busy,), name="worker-%d" % n,
                          daemon=True).start()
