@@ -39,6 +39,9 @@ bench: $(STAMP)  ## benchmarks; writes docs/bench.md
 asan: $(STAMP)  ## the C tracer's unit suite under AddressSanitizer (docs/asan.md)
 	bash scripts/asan.sh
 
+soak: $(STAMP)  ## 5 minutes of attach/trace/detach cycles on an HTTP service (scripts/soak.py)
+	$(PY) scripts/soak.py --minutes 5
+
 stress: $(STAMP)  ## the long stress tests
 	$(PY) -m pytest -q -ra -m slow
 

@@ -91,8 +91,18 @@ static struct {
     int finished;      /* pump flushed for the last time: the session takes no more events */
     int dead;          /* the consumer gave up: producers never wait again */
     uint64_t seen, sent, dropped, pending_drop;
-    int64_t block_ns;  /* longest a producer may wait for space before the session is dead */
+    int64_t block_ns;  /* how long the CLI may take nothing and say nothing: then it is dead */
+    int64_t progress_ns;  /* when the CLI last took bytes or sent a KEEPALIVE (atomic) */
 } B = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+/* The frame being sent: a header and the spare buffer's records. It survives pump() returning
+ * for a control frame, so a CLI that is slow to read does not lose or cut anything. */
+static struct {
+    char hdr[5];
+    size_t hdr_off;
+    const char *data;
+    size_t len;
+} sending = {.hdr_off = 5};
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -115,7 +125,6 @@ static void put_u64(char *p, uint64_t v) { memcpy(p, &v, 8); }
 static char *reserve(size_t n) {
     if (n + 9 > B.cap || B.finished) return NULL;
     if (B.len + n + (B.pending_drop ? 9 : 0) > B.cap && !B.drop_mode && !B.dead) {
-        int64_t start = now_ns();
         while (B.len + n + (B.pending_drop ? 9 : 0) > B.cap && !B.dead && !B.finished) {
             struct timespec dl;
             deadline_after(&dl, 50000000LL);  /* 50 ms slices, so a dead consumer is noticed */
@@ -127,7 +136,9 @@ static char *reserve(size_t n) {
             pthread_mutex_unlock(&B.mu);
             Py_END_ALLOW_THREADS
             pthread_mutex_lock(&B.mu);
-            if (now_ns() - start >= B.block_ns) B.dead = 1;
+            /* dead only when the CLI has taken nothing and said nothing for block_ns */
+            if (now_ns() - __atomic_load_n(&B.progress_ns, __ATOMIC_RELAXED) >= B.block_ns)
+                B.dead = 1;
         }
     }
     if (B.len + n > B.cap || B.finished) return NULL;
@@ -960,6 +971,9 @@ static PyObject *ha_configure(PyObject *self, PyObject *args, PyObject *kw) {
     B.len = 0;
     B.drop_mode = drop;
     B.stop = B.dead = B.finished = 0;
+    memset(&sending, 0, sizeof sending);
+    sending.hdr_off = 5;
+    B.progress_ns = 0;
     B.seen = B.sent = B.dropped = B.pending_drop = 0;
     B.block_ns = (int64_t)(block_timeout * 1e9);
     int ok = B.fill && B.spare;
@@ -995,16 +1009,31 @@ static PyObject *ha_reset(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static int send_all(int fd, const char *p, size_t n, int timeout_ms) {
-    while (n) {
+
+static void note_progress(void) { __atomic_store_n(&B.progress_ns, now_ns(), __ATOMIC_RELAXED); }
+
+/* Send what is pending. 0: all sent; 1: something to read on fd first (a control frame, or
+ * EOF); -errno: the socket failed, or the CLI took nothing and said nothing for `timeout_ms`. */
+static int send_pending(int fd, int timeout_ms) {
+    while (sending.hdr_off < 5 || sending.len) {
+        const char *p = sending.hdr_off < 5 ? sending.hdr + sending.hdr_off : sending.data;
+        size_t n = sending.hdr_off < 5 ? 5 - sending.hdr_off : sending.len;
         ssize_t w = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (w > 0) { p += w; n -= (size_t)w; continue; }
+        if (w > 0) {
+            if (sending.hdr_off < 5) sending.hdr_off += (size_t)w;
+            else { sending.data += w; sending.len -= (size_t)w; }
+            note_progress();
+            continue;
+        }
         if (w < 0 && errno == EINTR) continue;
         if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            struct pollfd pfd = {fd, POLLOUT, 0};
-            int r = poll(&pfd, 1, timeout_ms);
-            if (r == 0) return -ETIMEDOUT;
+            struct pollfd pfd = {fd, POLLOUT | POLLIN, 0};
+            int r = poll(&pfd, 1, 50);
             if (r < 0 && errno != EINTR) return -errno;
+            if (r > 0 && (pfd.revents & POLLIN)) return 1;
+            if (r > 0 && (pfd.revents & (POLLERR | POLLHUP))) return -EPIPE;
+            int64_t idle = now_ns() - __atomic_load_n(&B.progress_ns, __ATOMIC_RELAXED);
+            if (idle >= (int64_t)timeout_ms * 1000000LL) return -ETIMEDOUT;
             continue;
         }
         return w < 0 ? -errno : -EPIPE;
@@ -1014,13 +1043,26 @@ static int send_all(int fd, const char *p, size_t n, int timeout_ms) {
 
 /* pump(fd, idle_ms, send_timeout_ms): move records to the socket until there is something to
  * read on fd (a control frame, or EOF because the CLI died) -> 1; stop() was called and
- * everything is flushed -> 0; the socket failed -> -errno. Runs without the GIL. */
+ * everything is flushed -> 0; the socket failed, or the CLI neither read nor spoke for
+ * send_timeout_ms -> -errno. Runs without the GIL. */
 static PyObject *ha_pump(PyObject *self, PyObject *args) {
     int fd, idle_ms, send_timeout_ms;
     if (!PyArg_ParseTuple(args, "iii", &fd, &idle_ms, &send_timeout_ms)) return NULL;
     int result = 0;
     Py_BEGIN_ALLOW_THREADS
+    note_progress();
     for (;;) {
+        int rc = send_pending(fd, send_timeout_ms);
+        if (rc) {
+            if (rc < 0) {
+                pthread_mutex_lock(&B.mu);
+                B.dead = 1;
+                pthread_cond_broadcast(&B.space);
+                pthread_mutex_unlock(&B.mu);
+            }
+            result = rc;
+            break;
+        }
         pthread_mutex_lock(&B.mu);
         if (B.len == 0 && !B.stop) {
             struct timespec dl;
@@ -1028,35 +1070,31 @@ static PyObject *ha_pump(PyObject *self, PyObject *args) {
             pthread_cond_timedwait(&B.data, &B.mu, &dl);
         }
         int stopping = B.stop;
+        if (stopping && B.len == 0 && B.pending_drop && B.fill) {
+            /* drops after the last kept event still get their marker */
+            B.fill[0] = REC_DROP;
+            put_u64(B.fill + 1, B.pending_drop);
+            B.len = 9;
+            B.pending_drop = 0;
+        }
         size_t len = 0;
-        char *out = NULL;
         if (B.len && B.fill) {
-            out = B.fill;
+            /* The filled buffer becomes the spare one, which producers never touch until the
+             * next swap; only this thread swaps, and only once it has sent the spare. */
+            char *full = B.fill;
             len = B.len;
             B.fill = B.spare;
-            B.spare = out;
+            B.spare = full;
             B.len = 0;
+            uint32_t l32 = (uint32_t)len;
+            memcpy(sending.hdr, &l32, 4);
+            sending.hdr[4] = FRAME_RECORDS;
+            sending.hdr_off = 0;
+            sending.data = full;
+            sending.len = len;
             pthread_cond_broadcast(&B.space);
         }
         pthread_mutex_unlock(&B.mu);
-        if (len) {
-            /* `out` is now the spare buffer: producers never touch it until the next swap,
-             * which only this thread performs. */
-            char hdr[5];
-            uint32_t l32 = (uint32_t)len;
-            memcpy(hdr, &l32, 4);
-            hdr[4] = FRAME_RECORDS;
-            int rc = send_all(fd, hdr, 5, send_timeout_ms);
-            if (!rc) rc = send_all(fd, out, len, send_timeout_ms);
-            if (rc) {
-                pthread_mutex_lock(&B.mu);
-                B.dead = 1;
-                pthread_cond_broadcast(&B.space);
-                pthread_mutex_unlock(&B.mu);
-                result = rc;
-                break;
-            }
-        }
         if (stopping) {
             if (len) continue;  /* flush until a pass finds the buffer empty */
             pthread_mutex_lock(&B.mu);
@@ -1066,11 +1104,18 @@ static PyObject *ha_pump(PyObject *self, PyObject *args) {
             result = 0;
             break;
         }
+        /* even while records keep coming: a STOP, a KEEPALIVE or EOF must not wait */
         struct pollfd pfd = {fd, POLLIN, 0};
         if (poll(&pfd, 1, 0) > 0) { result = 1; break; }
     }
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(result);
+}
+
+/* The CLI said it is alive (a KEEPALIVE frame): slow, but not gone. */
+static PyObject *ha_alive(PyObject *self, PyObject *unused) {
+    note_progress();
+    Py_RETURN_NONE;
 }
 
 static PyObject *ha_stop_pump(PyObject *self, PyObject *arg) {
@@ -1100,6 +1145,7 @@ static PyMethodDef methods[] = {
     {"pump", ha_pump, METH_VARARGS, "Stream records to a socket fd; see the C comment."},
     {"stop_pump", ha_stop_pump, METH_O, "Ask pump() to flush and return."},
     {"stats", ha_stats, METH_NOARGS, "Counters of this session."},
+    {"alive", ha_alive, METH_NOARGS, "The CLI sent a KEEPALIVE: it is slow, not gone."},
 #ifdef HA_SETTRACE
     {"install", ha_install, METH_VARARGS, "install(mode, exclude_ident): trace every thread."},
     {"uninstall", ha_uninstall, METH_NOARGS, "Restore every thread's previous function."},

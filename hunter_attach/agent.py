@@ -303,8 +303,8 @@ def _send(sock: socket.socket, data: bytes) -> None:
     sock.sendall(data)
 
 
-def _read_control(sock: socket.socket, reader: protocol.FrameReader) -> Optional[int]:
-    """Read what made the socket readable: a control frame type, or None for EOF."""
+def _read_control(sock: socket.socket, reader: protocol.FrameReader) -> Optional[List[int]]:
+    """Read what made the socket readable: the control frames' types, or None for EOF."""
     sock.settimeout(1.0)
     try:
         data = sock.recv(65536)
@@ -312,9 +312,26 @@ def _read_control(sock: socket.socket, reader: protocol.FrameReader) -> Optional
         return None
     if not data:
         return None
-    for ftype, _ in reader.feed(data):
-        return ftype
-    return -1  # a partial frame; keep pumping
+    try:
+        return [ftype for ftype, _ in reader.feed(data)]
+    except protocol.FrameError:
+        return None
+
+
+def _pump_until(sock: socket.socket, tracer: Any, reader: protocol.FrameReader) -> bool:
+    """Stream until STOP (True) or until the CLI is gone (False). KEEPALIVEs tell the tracer
+    that a CLI which reads slowly is still there."""
+    while True:
+        if tracer.pump(sock.fileno(), 50, 10000) != 1:
+            return False  # the socket failed, or the CLI took nothing and said nothing
+        frames = _read_control(sock, reader)
+        if frames is None:
+            return False
+        for ftype in frames:
+            if ftype == protocol.STOP:
+                return True
+            if ftype == protocol.KEEPALIVE:
+                tracer.alive()
 
 
 def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
@@ -337,24 +354,19 @@ def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
             "backend": backend, "threads": threads, "aliases": session.filter.aliases,
             "python": list(sys.version_info[:3]), "pid": os.getpid()}))
         reader = protocol.FrameReader(1 << 16)
-        graceful = False
-        while True:
-            rc = tracer.pump(sock.fileno(), 50, 10000)
-            if rc == 1:
-                ftype = _read_control(sock, reader)
-                if ftype == -1:
-                    continue
-                graceful = ftype == protocol.STOP
-                break
-            break  # socket error or stalled consumer: the CLI is gone
+        graceful = _pump_until(sock, tracer, reader)
         session.uninstall()
         if not graceful:
             _remove_session_dir(config.get("session_dir"))
         if graceful:
+            # Flush what is buffered, as long as the CLI keeps taking it or saying it is alive.
             tracer.stop_pump(True)
-            tracer.pump(sock.fileno(), 0, 2000)
-            stats = tracer.stats()
-            _send(sock, protocol.encode_json(protocol.BYE, stats))
+            rc = tracer.pump(sock.fileno(), 0, 10000)
+            while rc == 1 and _read_control(sock, reader) is not None:
+                tracer.alive()
+                rc = tracer.pump(sock.fileno(), 0, 10000)
+            if rc == 0:
+                _send(sock, protocol.encode_json(protocol.BYE, tracer.stats()))
     except BaseException as exc:  # never into the target
         try:
             if session is not None:

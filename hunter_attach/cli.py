@@ -39,6 +39,48 @@ def _say(text: str) -> None:
     click.echo("%s: %s" % (PROG, text), err=True)
 
 
+class Output:
+    """Event text to a file descriptor. Every byte is written, or an error is raised: a
+    TextIOWrapper can silently drop the rest of a large write that a signal interrupts, and
+    signals are how the user detaches."""
+
+    def __init__(self, fd: int, encoding: str, owned: bool) -> None:
+        self.fd = fd
+        self.encoding = encoding
+        self.owned = owned
+        self._parts: List[str] = []
+        self._size = 0
+
+    def write(self, text: str) -> int:
+        self._parts.append(text)
+        self._size += len(text)
+        if self._size >= 1 << 16:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._parts:
+            return
+        data = memoryview("".join(self._parts).encode(self.encoding, "backslashreplace"))
+        self._parts.clear()
+        self._size = 0
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self.owned:
+                os.close(self.fd)
+
+
 class Status:
     """The live status line on stderr (only when stderr is a terminal)."""
 
@@ -117,10 +159,17 @@ def run(pid: int, use_gdb: bool, sig: Optional[int], timeout: float, terms: Sequ
         finally:
             finish_injection()
         ready = session.start(hello, deadline)
-        # Tracing is on: from now a signal only asks for a detach (see _stream).
+        # Tracing is on: from now a signal asks the agent to detach, at once, even when we are
+        # blocked writing to a slow stdout, and _stream drains what is in flight (it must not
+        # be interrupted by an exception: see _stream).
         requested: List[int] = []
+
+        def detach(signum: int, frame: Any) -> None:
+            requested.append(signum)
+            session.request_stop()
+
         for s in old_handlers:
-            signal.signal(s, lambda signum, frame: requested.append(signum))
+            signal.signal(s, detach)
         for typed, resolved in sorted(ready.get("aliases", {}).items()):
             _say("module %s resolves to %s in the target; matching %s" % (typed, resolved,
                                                                             resolved))
@@ -268,7 +317,7 @@ def main(pid: int, use_gdb: bool, signal_name: Optional[str], timeout: float,
          summary: bool, repr_limit: int, max_events: int, duration: Optional[float], drop: bool,
          pid_prefix: bool, backend: str, verbose: bool, query: Sequence[str]) -> None:
     """Trace a running Python process: hunter-style QUERY terms, ANDed, e.g. module=os.path."""
-    out: TextIO = sys.stdout
+    out: Any = sys.stdout
     try:
         sig = None
         if signal_name is not None:
@@ -278,7 +327,14 @@ def main(pid: int, use_gdb: bool, signal_name: Optional[str], timeout: float,
             if use_gdb:
                 raise QueryError("-s SIGNAL is for manhole mode; it cannot be used with --gdb")
         if output:
-            out = open(output, "w", encoding="utf-8")
+            try:
+                fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except OSError as exc:
+                raise QueryError("-o %s: %s" % (output, exc.strerror),
+                                 "Give a file you may write.") from None
+            out = Output(fd, "utf-8", owned=True)
+        else:
+            out = Output(sys.stdout.fileno(), sys.stdout.encoding or "utf-8", owned=False)
         # Like strace -c: the table instead of the event lines, unless they go somewhere
         # explicitly (--json or -o).
         quiet = summary and not as_json and not output
@@ -297,5 +353,8 @@ def main(pid: int, use_gdb: bool, signal_name: Optional[str], timeout: float,
         code = 130
     finally:
         if out is not sys.stdout:
-            out.close()
+            try:
+                out.close()
+            except OSError:  # a closed pipe: nothing more can be shown anyway
+                pass
     sys.exit(code)

@@ -32,9 +32,10 @@ RECORDS = 4  # agent -> CLI, binary records
 ERROR = 5  # agent -> CLI, JSON: message, detail
 STOP = 6  # CLI -> agent, empty
 BYE = 7  # agent -> CLI, JSON: counters; the agent has uninstalled itself
+KEEPALIVE = 8  # CLI -> agent, empty, every second: slow to read maybe, but alive
 
 FRAME_NAMES = {HELLO: "HELLO", LOAD: "LOAD", READY: "READY", RECORDS: "RECORDS",
-               ERROR: "ERROR", STOP: "STOP", BYE: "BYE"}
+               ERROR: "ERROR", STOP: "STOP", BYE: "BYE", KEEPALIVE: "KEEPALIVE"}
 
 FRAME_HEADER = struct.Struct("<IB")
 # Larger than any legitimate frame (the agent's RECORDS batches are at most 1 MiB, LOAD carries

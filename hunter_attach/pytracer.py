@@ -1230,6 +1230,11 @@ def stop_pump(flag: Any) -> None:
         _notify(_space_waiters)
 
 
+def alive() -> None:
+    """The CLI sent a KEEPALIVE. The twin keeps the simpler rule of the first C version: a
+    producer or a send that waits block_timeout for room gives up, KEEPALIVE or not."""
+
+
 def stats() -> Dict[str, int]:
     """Counters of this session."""
     with _mu:

@@ -18,6 +18,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -144,6 +145,8 @@ class Session:
         self.bye: Optional[Dict[str, Any]] = None
         self.stopping = False
         self._early: List[Tuple[int, bytes]] = []
+        self._send_lock = threading.RLock()
+        self._closed = threading.Event()
         try:
             if os.geteuid() == 0 and uid != 0:
                 os.chown(self.dir, uid, -1)
@@ -272,6 +275,8 @@ class Session:
         if ftype != protocol.READY:
             raise ProtocolError("expected READY, got frame type %d" % ftype)
         self.ready = protocol.decode_json(payload)
+        threading.Thread(target=self._keepalive, name="hunter-trace-keepalive",
+                         daemon=True).start()
         return self.ready
 
     def _next_control(self, deadline: float) -> Tuple[int, bytes]:
@@ -397,23 +402,42 @@ class Session:
                 yield Drop(int(rec), self.seq)
                 self.seq += int(rec)
 
+    def _send_control(self, ftype: int) -> bool:
+        """A 5-byte control frame, without blocking: it is called from a signal handler and
+        from the keepalive thread while the main thread may be blocked writing our stdout."""
+        with self._send_lock:
+            conn = self.conn
+            try:
+                return conn is not None and conn.send(
+                    protocol.encode_frame(ftype), socket.MSG_DONTWAIT) == 5
+            except OSError:
+                return False
+
+    def _keepalive(self) -> None:
+        # A CLI blocked on a slow stdout reads its socket late: saying it is alive keeps the
+        # agent from taking it for dead (lossless mode then slows the target, as it should).
+        while not self._closed.wait(1.0):
+            self._send_control(protocol.KEEPALIVE)
+
     def request_stop(self) -> None:
-        """Ask the agent to detach; items() then drains what is in flight and ends at BYE."""
+        """Ask the agent to detach; items() then drains what is in flight and ends at BYE.
+        Safe in a signal handler: the agent stops tracing even if we cannot read for a while."""
         if self.conn is None or self.stopping:
             return
         self.stopping = True
-        try:
-            self.conn.settimeout(1.0)
-            self.conn.sendall(protocol.encode_frame(protocol.STOP))
-        except OSError:
-            pass
+        for _ in range(50):
+            if self._send_control(protocol.STOP):
+                return
+            time.sleep(0.01)
 
     def close(self) -> None:
-        for sock in (self.conn, self.listener):
-            if sock is not None:
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-        self.conn = self.listener = None
+        self._closed.set()
+        with self._send_lock:
+            for sock in (self.conn, self.listener):
+                if sock is not None:
+                    try:
+                        sock.close()
+                    except OSError:
+                        pass
+            self.conn = self.listener = None
         shutil.rmtree(self.dir, ignore_errors=True)

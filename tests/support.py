@@ -28,9 +28,15 @@ def interpreters() -> Dict[str, str]:
         short = ".".join(version.split(".")[:2])
         if short in ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13"):
             found[short] = path
+    # in version order, so that max() and sorted() mean oldest/newest, not string order
+    found = dict(sorted(found.items(), key=lambda item: tuple(map(int, item[0].split(".")))))
     if not found:
         found["%d.%d" % sys.version_info[:2]] = sys.executable
     return found
+
+
+def newest(pythons: Dict[str, str]) -> str:
+    return list(pythons)[-1]
 
 
 _manhole_dir: Optional[str] = None
@@ -57,8 +63,10 @@ class Target:
         if "--manhole" in args:
             full_env["PYTHONPATH"] = manhole_path()
         full_env.update(env or {})
+        # stderr to a file: nobody reads a pipe, and manhole logs enough to fill one
+        self.stderr_file = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=full_env)
+                                     stderr=self.stderr_file, text=True, env=full_env)
         line = self._readline(15)
         if not line.startswith("ready"):
             self.kill()
@@ -85,9 +93,8 @@ class Target:
         return self.proc.poll() is None
 
     def stderr(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return ""
-        return self.proc.stderr.read()
+        self.stderr_file.seek(0)
+        return self.stderr_file.read()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -98,9 +105,10 @@ class Target:
             os.unlink("/tmp/manhole-%d" % self.proc.pid)
         except OSError:
             pass
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
+        self.stderr_file.close()
 
     def __enter__(self) -> Target:
         return self
@@ -157,6 +165,30 @@ def tmp_leftovers() -> List[str]:
     return sorted(os.listdir(CLI_TMP))
 
 
-def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 10) -> None:
+class Stopped:
+    def __init__(self, out: str, err: str) -> None:
+        self.out = out
+        self.err = err
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 10) -> Stopped:
+    """Signal the CLI and collect the rest of its output (it finishes writing the events in
+    flight before it exits, so somebody has to read them)."""
+    import threading
+
     proc.send_signal(sig)
+    got = {}
+
+    def drain(name: str) -> None:
+        # through the same file objects that earlier readline() calls buffered in
+        stream = getattr(proc, name)
+        got[name] = stream.read() if stream is not None else ""
+
+    readers = [threading.Thread(target=drain, args=(n,), daemon=True)
+               for n in ("stdout", "stderr")]
+    for reader in readers:
+        reader.start()
     proc.wait(timeout)
+    for reader in readers:
+        reader.join(timeout)
+    return Stopped(got.get("stdout", ""), got.get("stderr", ""))

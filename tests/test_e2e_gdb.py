@@ -13,6 +13,7 @@ from support import (
     cli_popen,
     interpreters,
     json_events,
+    newest,
     stop,
     tmp_leftovers,
     wait_for_line,
@@ -61,7 +62,7 @@ def test_gdb_isolated_target_without_our_package() -> None:
 
 
 def test_gdb_ctrl_c() -> None:
-    with Target(PYTHONS[max(PYTHONS)]) as target:
+    with Target(PYTHONS[newest(PYTHONS)]) as target:
         proc = cli_popen("-p", str(target.pid), "--gdb", "--json", "module=workload")
         wait_for_line(proc, '"kind"')
         stop(proc, signal.SIGINT)
@@ -70,7 +71,7 @@ def test_gdb_ctrl_c() -> None:
 
 
 def test_gdb_missing(tmp_path) -> None:
-    with Target(PYTHONS[max(PYTHONS)]) as target:
+    with Target(PYTHONS[newest(PYTHONS)]) as target:
         env = {"PATH": str(tmp_path)}
         result = cli("-p", str(target.pid), "--gdb", "module=workload", env=env)
         assert result.returncode == 5, result.stderr
@@ -83,7 +84,7 @@ def test_pipe_closed_by_head() -> None:
     """`hunter-trace ... | head -5`: exits cleanly and leaves the target untraced."""
     import subprocess
 
-    with Target(PYTHONS[max(PYTHONS)], "--threads", "2") as target:
+    with Target(PYTHONS[newest(PYTHONS)], "--threads", "2") as target:
         cmd = "%s -m hunter_attach -p %d --gdb | head -5" % (sys.executable, target.pid)
         result = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True,
                                 text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(
@@ -113,7 +114,7 @@ def test_gdb_target_in_another_mount_namespace() -> None:
     import subprocess
     import tempfile
 
-    python = PYTHONS[max(PYTHONS)]
+    python = PYTHONS[newest(PYTHONS)]
     # The new /tmp hides everything under /tmp, possibly this checkout: run a copy of the app.
     apps = tempfile.mkdtemp(prefix="ha-test-apps-", dir="/var/tmp")
     shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps"),

@@ -15,6 +15,7 @@ from support import (
     cli_popen,
     interpreters,
     json_events,
+    newest,
     stop,
     tmp_leftovers,
     wait_for_line,
@@ -59,7 +60,7 @@ def test_manhole_trace_module_every_python(version: str) -> None:
 
 @pytest.mark.parametrize("handler", ["repl", "exec"])
 def test_manhole_activated_by_signal(handler: str) -> None:
-    with Target(PYTHONS[max(PYTHONS)], "--manhole", "--signal", "USR1", "--handler",
+    with Target(PYTHONS[newest(PYTHONS)], "--manhole", "--signal", "USR1", "--handler",
                 handler) as target:
         result = cli("-p", str(target.pid), "-s", "SIGUSR1", "-d", "1", "--color=never",
                      "module=workload", "function=fib")
@@ -72,20 +73,22 @@ def test_manhole_activated_by_signal(handler: str) -> None:
 
 
 def test_ctrl_c_detaches_and_target_runs_on() -> None:
-    with Target(PYTHONS[max(PYTHONS)], "--manhole") as target:
+    with Target(PYTHONS[newest(PYTHONS)], "--manhole") as target:
         before = target.status()
         proc = cli_popen("-p", str(target.pid), "--json", "module=workload")
         try:
             wait_for_line(proc, '"kind"')
             start = time.monotonic()
-            stop(proc, signal.SIGINT)
+            stopped = stop(proc, signal.SIGINT)
             detach_time = time.monotonic() - start
         finally:
             if proc.poll() is None:
                 proc.kill()
         assert proc.returncode == 0
-        assert proc.stderr is not None
-        assert "process %d detached" % target.pid in proc.stderr.read()
+        assert "process %d detached" % target.pid in stopped.err
+        # what was in flight at the signal is all there: whole lines, consecutive seq
+        seqs = [e["seq"] for e in json_events(stopped.out)]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
         assert detach_time < 2
         after = target.status()
         assert clean(after), after
@@ -95,7 +98,7 @@ def test_ctrl_c_detaches_and_target_runs_on() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_detach_cleanly(sig: int) -> None:
-    with Target(PYTHONS[max(PYTHONS)], "--manhole") as target:
+    with Target(PYTHONS[newest(PYTHONS)], "--manhole") as target:
         proc = cli_popen("-p", str(target.pid), "--json", "module=workload")
         wait_for_line(proc, '"kind"')
         stop(proc, sig)
@@ -126,7 +129,7 @@ def test_cli_killed_agent_removes_itself_within_1s(version: str) -> None:
 
 
 def test_target_exits_mid_trace() -> None:
-    with Target(PYTHONS[max(PYTHONS)], "--manhole") as target:
+    with Target(PYTHONS[newest(PYTHONS)], "--manhole") as target:
         proc = cli_popen("-p", str(target.pid), "--json", "module=workload")
         wait_for_line(proc, '"kind"')
         target.proc.kill()
@@ -141,7 +144,7 @@ def test_target_exits_mid_trace() -> None:
 
 
 def test_reattach_sessions_are_independent() -> None:
-    with Target(PYTHONS[max(PYTHONS)], "--manhole") as target:
+    with Target(PYTHONS[newest(PYTHONS)], "--manhole") as target:
         outputs = []
         for _ in range(3):
             result = cli("-p", str(target.pid), "--json", "--max-events", "50",
@@ -164,7 +167,7 @@ def test_reattach_sessions_are_independent() -> None:
 
 
 def test_no_manhole_socket() -> None:
-    with Target(PYTHONS[max(PYTHONS)]) as target:
+    with Target(PYTHONS[newest(PYTHONS)]) as target:
         result = cli("-p", str(target.pid), "module=workload")
         assert result.returncode == 5
         assert "no manhole socket" in result.stderr
@@ -173,7 +176,7 @@ def test_no_manhole_socket() -> None:
 
 def test_manhole_signal_timeout() -> None:
     # SIGWINCH is ignored by default: the signal arrives, no socket ever appears.
-    with Target(PYTHONS[max(PYTHONS)]) as target:
+    with Target(PYTHONS[newest(PYTHONS)]) as target:
         start = time.monotonic()
         result = cli("-p", str(target.pid), "-s", "WINCH", "-t", "0.5", "module=workload")
         assert result.returncode == 6, result.stderr
@@ -195,7 +198,7 @@ HOSTILE = [
 @pytest.mark.parametrize("template", HOSTILE)
 def test_hostile_query_executes_nothing(template: str, tmp_path) -> None:
     marker = str(tmp_path / "pwned")
-    with Target(PYTHONS[max(PYTHONS)], "--manhole") as target:
+    with Target(PYTHONS[newest(PYTHONS)], "--manhole") as target:
         result = cli("-p", str(target.pid), "-d", "0.5", template.format(marker=marker))
         assert not os.path.exists(marker)
         if result.returncode == 0:
@@ -286,8 +289,7 @@ def test_pool_threads_started_after_attach_are_traced() -> None:
                 target.proc.stdin.flush()
                 assert target._readline(20).strip() == "done"
             finally:
-                stop(proc)
-            out = proc.stdout.read() if proc.stdout else ""
+                out = stop(proc).out
             names = {e["threadname"] for e in json_events(out)}
             assert any(n.startswith("ThreadPoolExecutor-") for n in names), (version, names)
             ticks = [e for e in json_events(out) if e["function"] == "tick"]
@@ -311,7 +313,7 @@ def test_agent_failure_is_reported_and_harmless() -> None:
 
 def test_output_file_perfetto_and_summary(tmp_path) -> None:
     out, trace = tmp_path / "events.jsonl", tmp_path / "trace.json"
-    with Target(PYTHONS[max(PYTHONS)], "--manhole", "--threads", "2") as target:
+    with Target(PYTHONS[newest(PYTHONS)], "--manhole", "--threads", "2") as target:
         result = cli("-p", str(target.pid), "--json", "-o", str(out), "--perfetto", str(trace),
                      "-c", "-d", "1", "module=workload")
         assert result.returncode == 0, result.stderr
