@@ -93,6 +93,7 @@ static struct {
     uint64_t seen, sent, dropped, pending_drop;
     int64_t block_ns;  /* how long the CLI may take nothing and say nothing: then it is dead */
     int64_t progress_ns;  /* when the CLI last took bytes or sent a KEEPALIVE (atomic) */
+    int64_t taken_ns;     /* when the CLI last took bytes (atomic) */
 } B = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 /* The frame being sent: a header and the spare buffer's records. It survives pump() returning
@@ -137,8 +138,14 @@ static char *reserve(size_t n) {
             Py_END_ALLOW_THREADS
             pthread_mutex_lock(&B.mu);
             /* dead only when the CLI has taken nothing and said nothing for block_ns */
-            if (now_ns() - __atomic_load_n(&B.progress_ns, __ATOMIC_RELAXED) >= B.block_ns)
+            int64_t now = now_ns();
+            if (now - __atomic_load_n(&B.progress_ns, __ATOMIC_RELAXED) >= B.block_ns)
                 B.dead = 1;
+            /* While detaching, KEEPALIVEs do not count: a CLI that has stopped reading (its
+             * stdout blocked) must not hold the target. After 1 s without a byte taken, this
+             * event is dropped, counted and marked in the stream. */
+            if (B.stop && now - __atomic_load_n(&B.taken_ns, __ATOMIC_RELAXED) >= 1000000000LL)
+                break;
         }
     }
     if (B.len + n > B.cap || B.finished) return NULL;
@@ -973,7 +980,7 @@ static PyObject *ha_configure(PyObject *self, PyObject *args, PyObject *kw) {
     B.stop = B.dead = B.finished = 0;
     memset(&sending, 0, sizeof sending);
     sending.hdr_off = 5;
-    B.progress_ns = 0;
+    B.progress_ns = B.taken_ns = 0;
     B.seen = B.sent = B.dropped = B.pending_drop = 0;
     B.block_ns = (int64_t)(block_timeout * 1e9);
     int ok = B.fill && B.spare;
@@ -1001,6 +1008,8 @@ static PyObject *ha_reset(PyObject *self, PyObject *unused) {
     Py_CLEAR(cb_fmt);
     Py_CLEAR(cb_pypred);
     pthread_mutex_lock(&B.mu);
+    B.finished = 1;  /* a producer still waiting for room gives up (and finds no buffer) */
+    pthread_cond_broadcast(&B.space);
     free(B.fill);
     free(B.spare);
     B.fill = B.spare = NULL;
@@ -1010,7 +1019,9 @@ static PyObject *ha_reset(PyObject *self, PyObject *unused) {
 }
 
 
-static void note_progress(void) { __atomic_store_n(&B.progress_ns, now_ns(), __ATOMIC_RELAXED); }
+static void note_progress(void) {
+    __atomic_store_n(&B.progress_ns, now_ns(), __ATOMIC_RELAXED);
+}
 
 /* Send what is pending. 0: all sent; 1: something to read on fd first (a control frame, or
  * EOF); -errno: the socket failed, or the CLI took nothing and said nothing for `timeout_ms`. */
@@ -1023,6 +1034,7 @@ static int send_pending(int fd, int timeout_ms) {
             if (sending.hdr_off < 5) sending.hdr_off += (size_t)w;
             else { sending.data += w; sending.len -= (size_t)w; }
             note_progress();
+            __atomic_store_n(&B.taken_ns, now_ns(), __ATOMIC_RELAXED);
             continue;
         }
         if (w < 0 && errno == EINTR) continue;
@@ -1112,6 +1124,15 @@ static PyObject *ha_pump(PyObject *self, PyObject *args) {
     return PyLong_FromLong(result);
 }
 
+/* The CLI is gone: producers waiting for room must not wait any longer. */
+static PyObject *ha_abandon(PyObject *self, PyObject *unused) {
+    pthread_mutex_lock(&B.mu);
+    B.dead = 1;
+    pthread_cond_broadcast(&B.space);
+    pthread_mutex_unlock(&B.mu);
+    Py_RETURN_NONE;
+}
+
 /* The CLI said it is alive (a KEEPALIVE frame): slow, but not gone. */
 static PyObject *ha_alive(PyObject *self, PyObject *unused) {
     note_progress();
@@ -1119,6 +1140,7 @@ static PyObject *ha_alive(PyObject *self, PyObject *unused) {
 }
 
 static PyObject *ha_stop_pump(PyObject *self, PyObject *arg) {
+    __atomic_store_n(&B.taken_ns, now_ns(), __ATOMIC_RELAXED);  /* the grace starts now */
     pthread_mutex_lock(&B.mu);
     B.stop = PyObject_IsTrue(arg) == 1;
     pthread_cond_broadcast(&B.data);
@@ -1146,6 +1168,7 @@ static PyMethodDef methods[] = {
     {"stop_pump", ha_stop_pump, METH_O, "Ask pump() to flush and return."},
     {"stats", ha_stats, METH_NOARGS, "Counters of this session."},
     {"alive", ha_alive, METH_NOARGS, "The CLI sent a KEEPALIVE: it is slow, not gone."},
+    {"abandon", ha_abandon, METH_NOARGS, "The CLI is gone: release waiting producers."},
 #ifdef HA_SETTRACE
     {"install", ha_install, METH_VARARGS, "install(mode, exclude_ident): trace every thread."},
     {"uninstall", ha_uninstall, METH_NOARGS, "Restore every thread's previous function."},

@@ -23,6 +23,7 @@ from . import filters, protocol, saferepr
 # Only one session at a time per process: the C tracer's state is process-wide. Module state
 # survives between sessions because the bootstrap reuses this package when its sources match.
 _session_lock = _thread.allocate_lock()
+_current: List[Any] = [None, None]  # the running Session and its socket, for the fork hook
 _fork_hook_installed = False
 
 MAX_SOURCE_LINES = 400
@@ -345,6 +346,7 @@ def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
         if tracer is None:
             raise AgentError("no compiled tracer for this Python (%s)" % sys.version.split()[0])
         session = Session(sock, tracer, config)
+        _current[:] = [session, sock]
         _install_fork_hook()
         threads = session.install()
         backend = session.backend
@@ -355,6 +357,8 @@ def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
             "python": list(sys.version_info[:3]), "pid": os.getpid()}))
         reader = protocol.FrameReader(1 << 16)
         graceful = _pump_until(sock, tracer, reader)
+        if not graceful:
+            tracer.abandon()  # nobody will read: threads waiting for room go on at once
         session.uninstall()
         if not graceful:
             _remove_session_dir(config.get("session_dir"))
@@ -387,6 +391,7 @@ def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
             sock.close()
         except BaseException:
             pass
+        _current[:] = [None, None]
         _session_lock.release()
 
 
@@ -405,20 +410,24 @@ def _remove_session_dir(path: Any) -> None:
 
 
 def _install_fork_hook() -> None:
-    """A forked child must not keep tracing into its parent's socket. os.register_at_fork hooks
-    cannot be removed, so one is installed per process and it only acts during a session."""
+    """A forked child must not keep any of its parent's session: not the tracer, not the
+    socket to the parent's CLI, not the lock that says a session is running (the child could
+    never be traced itself). os.register_at_fork hooks cannot be removed, so one is installed
+    per process and it only acts during a session."""
     global _fork_hook_installed
     if _fork_hook_installed or not hasattr(os, "register_at_fork"):
         return
-    package = sys.modules.get(__name__.rpartition(".")[0])
 
     def after_in_child() -> None:
-        tracer = getattr(package, "_tracer", None)
-        if tracer is not None:
+        global _session_lock
+        session, sock = _current
+        _current[:] = [None, None]
+        _session_lock = _thread.allocate_lock()  # the parent's agent thread is not here
+        for step in (lambda: session.uninstall() if session is not None else None,
+                     lambda: session.tracer.reset() if session is not None else None,
+                     lambda: sock.close() if sock is not None else None):
             try:
-                tracer.set_active(False)
-                if tracer.BACKEND == "settrace":
-                    tracer.uninstall()
+                step()
             except BaseException:
                 pass
 

@@ -1230,6 +1230,12 @@ def stop_pump(flag: Any) -> None:
         _notify(_space_waiters)
 
 
+def abandon() -> None:
+    """The CLI is gone: producers waiting for room give up."""
+    global _dead
+    _dead = True
+
+
 def alive() -> None:
     """The CLI sent a KEEPALIVE. The twin keeps the simpler rule of the first C version: a
     producer or a send that waits block_timeout for room gives up, KEEPALIVE or not."""

@@ -38,7 +38,7 @@ class App(Target):
         full_env.update(env or {})
         # stderr goes to a file: manhole logs every connection there (with the whole line it
         # runs), and a pipe nobody reads would fill up and block manhole after a few sessions
-        self.log = tempfile.TemporaryFile("w+")
+        self.log = self.stderr_file = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=full_env)
         line = self._readline(20)
