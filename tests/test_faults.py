@@ -700,14 +700,8 @@ def attach_detach_cycles(cycles: int) -> Dict[str, float]:
 
 
 @pytest.mark.gdb
-def test_attach_detach_20_cycles_gdb() -> None:
-    summary = attach_detach_cycles(20)
-    assert summary["max"] < 30
-
-
-@pytest.mark.slow
-@pytest.mark.gdb
 @pytest.mark.timeout(600)
 def test_attach_detach_100_cycles_gdb() -> None:
+    """Issue 4's stress: 100 gdb sessions on a busy 4-thread target, never hung or crashed."""
     summary = attach_detach_cycles(100)
     assert summary["max"] < 30
