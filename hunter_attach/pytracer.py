@@ -874,6 +874,15 @@ def _mon_state() -> Optional[_State]:
     return st if _enter(st) else None
 
 
+def _seen(code: Any) -> Tuple[Any, Any]:
+    """The frame a monitoring event happened in (the callback's caller) and the code's entry."""
+    try:
+        frame = _getframe(2)
+    except ValueError:
+        frame = None
+    return frame, _cache.get(id(code)) or _lookup(code, frame)
+
+
 def mon_start(code: Any, offset: int) -> Any:
     """PY_START, PY_RESUME."""
     if not _active:
@@ -881,11 +890,7 @@ def mon_start(code: Any, offset: int) -> Any:
     st = _mon_state()
     if st is None:
         return None
-    try:
-        frame = _getframe(1)
-    except ValueError:
-        frame = None
-    e = _cache.get(id(code)) or _lookup(code, frame)
+    frame, e = _seen(code)
     if _walk:
         if not (e[1] and e[2] & 1):
             return _disable
@@ -906,11 +911,7 @@ def mon_throw(code: Any, offset: int, exc: Any) -> None:
     st = _mon_state()
     if st is None:
         return
-    try:
-        frame = _getframe(1)
-    except ValueError:
-        frame = None
-    e = _cache.get(id(code)) or _lookup(code, frame)
+    frame, e = _seen(code)
     if _walk:
         if e[1] and e[2] & 1:
             st.depth = _walked_depth(frame, K_CALL)
@@ -929,11 +930,7 @@ def mon_return(code: Any, offset: int, value: Any) -> Any:
     st = _mon_state()
     if st is None:
         return None
-    try:
-        frame = _getframe(1)
-    except ValueError:
-        frame = None
-    e = _cache.get(id(code)) or _lookup(code, frame)
+    frame, e = _seen(code)
     if _walk:
         if not (e[1] and e[2] & 4):
             return _disable
@@ -952,11 +949,7 @@ def mon_unwind(code: Any, offset: int, exc: Any) -> None:
     st = _mon_state()
     if st is None:
         return
-    try:
-        frame = _getframe(1)
-    except ValueError:
-        frame = None
-    e = _cache.get(id(code)) or _lookup(code, frame)
+    frame, e = _seen(code)
     if _walk:
         if not (e[1] and e[2] & 4):
             return
@@ -974,11 +967,7 @@ def mon_raise(code: Any, offset: int, exc: Any) -> None:
     st = _mon_state()
     if st is None:
         return
-    try:
-        frame = _getframe(1)
-    except ValueError:
-        frame = None
-    e = _cache.get(id(code)) or _lookup(code, frame)
+    frame, e = _seen(code)
     if not (e[1] and e[2] & 8):
         return
     if _walk:
@@ -998,11 +987,7 @@ def mon_line(code: Any, line: int) -> Any:
         line = int(line)
     except Exception:
         line = -1
-    try:
-        frame = _getframe(1)
-    except ValueError:
-        frame = None
-    e = _cache.get(id(code)) or _lookup(code, frame)
+    frame, e = _seen(code)
     if _walk:
         if not (e[1] and e[2] & 2):
             return _disable
@@ -1047,11 +1032,7 @@ def mon_jump(code: Any, src: int, dst: int) -> Any:
     line = _addr2line(code, src)
     if line != _addr2line(code, dst):
         return _disable
-    try:
-        frame = _getframe(1)
-    except ValueError:
-        frame = None
-    e = _cache.get(id(code)) or _lookup(code, frame)
+    frame, e = _seen(code)
     if _walk:
         if not (e[1] and e[2] & 2):
             return _disable
