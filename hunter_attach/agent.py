@@ -344,7 +344,7 @@ def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
     session = None
     try:
         if tracer is None:
-            raise AgentError("no compiled tracer for this Python (%s)" % sys.version.split()[0])
+            raise AgentError("no tracer for this Python (%s)" % sys.version.split()[0])
         session = Session(sock, tracer, config)
         _current[:] = [session, sock]
         _install_fork_hook()
@@ -360,8 +360,6 @@ def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
         if not graceful:
             tracer.abandon()  # nobody will read: threads waiting for room go on at once
         session.uninstall()
-        if not graceful:
-            _remove_session_dir(config.get("session_dir"))
         if graceful:
             # Flush what is buffered, as long as the CLI keeps taking it or saying it is alive.
             tracer.stop_pump(True)
@@ -371,9 +369,12 @@ def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
                 rc = tracer.pump(sock.fileno(), 0, 10000)
             if rc == 0:
                 _send(sock, protocol.encode_json(protocol.BYE, tracer.stats()))
+        else:
+            _remove_session_dir(config.get("session_dir"))
     except BaseException as exc:  # never into the target
         try:
             if session is not None:
+                tracer.abandon()
                 session.uninstall()
         except BaseException:
             pass
