@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring_ascii
-from typing import Any, Callable, Dict, Optional, TextIO, Tuple
+from typing import Any, Dict, Optional, TextIO, Tuple
 
 from ..events import CodeInfo, Event, ThreadInfo
-from .template import ARG_JSON_CALL, ARG_JSON_STR, ARG_NONE, DEPTH_NUMBER
+from .template import ARG_JSON_CALL, ARG_JSON_STR, ARG_NONE, DEPTH_NUMBER, StreamRenderer
 
 _REPR_PAIR: Dict[str, Any] = {
     "type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "string"},
@@ -84,18 +84,16 @@ _str = encode_basestring_ascii
 _KIND_HEAD = {kind: f'{{"kind":"{kind}",' for kind in ("call", "line", "return", "exception")}
 
 
-class JsonRenderer:
+class JsonRenderer(StreamRenderer):
     """Writes :data:`EVENT_SCHEMA` lines. The per-code and per-thread parts of a line are
     serialized once and concatenated, which is several times faster than ``json.dumps`` of a
     dict per event."""
 
     def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self._write: Callable[[str], object] = stream.write
+        super().__init__(stream)
         # id(code) -> (code, {lineno: fragment}); the reference keeps the id from being reused.
         self._codes: Dict[int, Tuple[CodeInfo, Dict[int, str]]] = {}
         self._threads: Dict[int, Tuple[ThreadInfo, str, str]] = {}
-        self._closed = False
 
     def _code_line(self, code: CodeInfo, lineno: int) -> str:
         entry = self._codes.get(id(code))
@@ -179,13 +177,3 @@ class JsonRenderer:
             obj["pid"] = pid
         return _dumps(obj, separators=(",", ":")) + "\n"
 
-    def drop(self, count: int, seq: int, pid: Optional[int] = None) -> None:
-        self._write(self.drop_text(count, seq, pid))
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.stream.flush()

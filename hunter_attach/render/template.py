@@ -11,6 +11,8 @@ templates made before are stale (a thread or pid column appeared).
 
 from __future__ import annotations
 
+from typing import Callable, Optional, TextIO
+
 # The argument: nothing; as is (None: nothing); a call's arguments as text ("" when there are
 # none); a call's arguments as a JSON list of pairs; a JSON string ('""' for None).
 ARG_NONE, ARG_RAW, ARG_CALL, ARG_JSON_CALL, ARG_JSON_STR = range(5)
@@ -28,3 +30,27 @@ def depth_text(mode: int, depth: int) -> str:
     if mode == DEPTH_NUMBER:
         return str(depth)
     return ""
+
+
+class StreamRenderer:
+    """What the text and JSON renderers share: a stream, drop markers, flush and close.
+    Subclasses provide ``drop_text``."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._write: Callable[[str], object] = stream.write
+        self._closed = False
+
+    def drop_text(self, count: int, seq: int, pid: Optional[int] = None) -> str:
+        raise NotImplementedError
+
+    def drop(self, count: int, seq: int, pid: Optional[int] = None) -> None:
+        self._write(self.drop_text(count, seq, pid))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.stream.flush()

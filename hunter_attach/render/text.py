@@ -32,7 +32,7 @@ Differences from hunter's printers, all deliberate (also listed in docs/internal
 from __future__ import annotations
 
 import json
-from typing import Callable, Dict, List, Optional, Set, TextIO, Tuple
+from typing import Dict, List, Optional, Set, TextIO, Tuple
 
 from ..events import CodeInfo, Event, ThreadInfo
 from .color import CALL_COLORS, CODE_COLORS, NO_COLORS, NO_EVENT_COLORS, OTHER_COLORS
@@ -43,6 +43,7 @@ from .template import (
     DEPTH_INDENT,
     DEPTH_INDENT_PARENT,
     DEPTH_NONE,
+    StreamRenderer,
 )
 
 Template = Tuple[str, str, str, int, int, int]
@@ -96,7 +97,7 @@ class _CodeFmt:
         self.exc_mid = e["exception"] + " !" + normal + " " + function + ": " + reset
 
 
-class _TextRenderer:
+class _TextRenderer(StreamRenderer):
     """Shared state of both printers: output columns, caches, the pid and thread prefixes."""
 
     event_palette: Dict[str, str] = CALL_COLORS
@@ -104,8 +105,7 @@ class _TextRenderer:
     def __init__(self, stream: TextIO, *, color: bool = False, pid_prefix: bool = False,
                  filename_alignment: int = 40, thread_alignment: int = 12,
                  pid_alignment: int = 9) -> None:
-        self.stream = stream
-        self._write: Callable[[str], object] = stream.write
+        super().__init__(stream)
         self.color = color
         self.colors = OTHER_COLORS if color else NO_COLORS
         self.event_colors = self.event_palette if color else NO_EVENT_COLORS
@@ -124,7 +124,6 @@ class _TextRenderer:
         self._lpid = -1
         self._lname: Optional[str] = None
         self._lead = ""
-        self._closed = False
         # Bumped whenever the pid or thread column appears: leads made before are stale.
         self.generation = 0
 
@@ -222,16 +221,20 @@ class _TextRenderer:
         return "{}{}hunter-trace: ... {} event{} dropped at seq {} ...{}\n".format(
             self._pid_part(pid), c["DROP"], count, "" if count == 1 else "s", seq, c["RESET"])
 
-    def drop(self, count: int, seq: int, pid: Optional[int] = None) -> None:
-        self._write(self.drop_text(count, seq, pid))
 
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.stream.flush()
+    def _lead_and_code(self, ev: Event) -> Tuple[str, _CodeFmt]:
+        """The pid/thread prefix (reused while the thread does not change) and the code's
+        cached formats."""
+        thread = ev.thread
+        if thread is self._lthread and ev.pid == self._lpid and thread.name is self._lname:
+            lead = self._lead
+        else:
+            lead = self._update_lead(ev)
+        code = ev.code
+        cf = self._codes.get(id(code))
+        if cf is None or cf.code is not code:
+            cf = self._fmt(code)
+        return lead, cf
 
 
 class CallTextRenderer(_TextRenderer):
@@ -262,15 +265,7 @@ class CallTextRenderer(_TextRenderer):
             return arg
 
     def event(self, ev: Event) -> None:
-        thread = ev.thread
-        if thread is self._lthread and ev.pid == self._lpid and thread.name is self._lname:
-            lead = self._lead
-        else:
-            lead = self._update_lead(ev)
-        code = ev.code
-        cf = self._codes.get(id(code))
-        if cf is None or cf.code is not code:
-            cf = self._fmt(code)
+        lead, cf = self._lead_and_code(ev)
         kind = ev.kind
         lineno = ev.lineno
         depth = ev.depth
@@ -348,15 +343,7 @@ class CodeTextRenderer(_TextRenderer):
         return out
 
     def event(self, ev: Event) -> None:
-        thread = ev.thread
-        if thread is self._lthread and ev.pid == self._lpid and thread.name is self._lname:
-            lead = self._lead
-        else:
-            lead = self._update_lead(ev)
-        code = ev.code
-        cf = self._codes.get(id(code))
-        if cf is None or cf.code is not code:
-            cf = self._fmt(code)
+        lead, cf = self._lead_and_code(ev)
         kind = ev.kind
         key = (kind, ev.lineno)
         block = cf.blocks.get(key)
