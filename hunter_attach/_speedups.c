@@ -27,9 +27,13 @@
 #define REC_CODE 2
 #define REC_THREAD 3
 #define REC_DROP 4
+#define REC_THREAD_END 5
 #define EVENT_SIZE 28
 #define KEY_SIZE 16
 #define FLAG_ARG 1
+#define FLAG_HIDDEN 2
+/* Ended threads whose templates are swept from the cache together (fastpath.SWEEP_AFTER). */
+#define SWEEP_AFTER 64
 #define MAX_META (4 * 1024 * 1024)
 #define CHUNK (256 * 1024)
 
@@ -416,6 +420,8 @@ typedef struct {
     Buf scratch;
     Span *spans;
     size_t spans_cap;
+    uint32_t ended[SWEEP_AFTER]; /* ended threads whose templates may still be cached */
+    size_t n_ended;
 } Decoder;
 
 static inline uint64_t key_hash(const unsigned char *k) {
@@ -440,11 +446,70 @@ static void entry_clear(Entry *e) {
 }
 
 static void cache_clear(Decoder *d) {
+    d->n_ended = 0;
     if (d->slots == NULL)
         return;
     for (size_t i = 0; i < d->cap; i++)
         entry_clear(&d->slots[i]);
     d->used = 0;
+}
+
+static int cmp_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static inline uint32_t key_thread(const unsigned char *key) {
+    uint32_t v;
+    memcpy(&v, key + 4, 4);
+#if PY_BIG_ENDIAN
+    v = __builtin_bswap32(v);
+#endif
+    return v;
+}
+
+/* Has this thread ended since the last sweep (its templates may still be cached)? */
+static int thread_ended(Decoder *d, uint32_t thread_id) {
+    for (size_t i = 0; i < d->n_ended; i++)
+        if (d->ended[i] == thread_id)
+            return 1;
+    return 0;
+}
+
+/* A thread ended: its templates leave the cache, SWEEP_AFTER threads at a time (one pass that
+ * rebuilds the table, as open addressing cannot just empty a slot). */
+static void forget_thread(Decoder *d, uint32_t thread_id) {
+    if (d->used == 0)
+        return;
+    d->ended[d->n_ended++] = thread_id;
+    if (d->n_ended < SWEEP_AFTER)
+        return;
+    qsort(d->ended, d->n_ended, sizeof(uint32_t), cmp_u32);
+    Entry *slots = PyMem_Calloc(d->cap, sizeof(Entry));
+    if (slots == NULL) { /* no memory for the pass: forget everything instead */
+        cache_clear(d);
+        return;
+    }
+    size_t mask = d->cap - 1, used = 0;
+    for (size_t i = 0; i < d->cap; i++) {
+        Entry *e = &d->slots[i];
+        if (!e->used)
+            continue;
+        uint32_t tid = key_thread(e->key);
+        if (bsearch(&tid, d->ended, d->n_ended, sizeof(uint32_t), cmp_u32) != NULL) {
+            entry_clear(e);
+            continue;
+        }
+        size_t j = (size_t)key_hash(e->key) & mask;
+        while (slots[j].used)
+            j = (j + 1) & mask;
+        slots[j] = *e;
+        used++;
+    }
+    PyMem_Free(d->slots);
+    d->slots = slots;
+    d->used = used;
+    d->n_ended = 0;
 }
 
 static inline Entry *cache_find(Decoder *d, const unsigned char *key) {
@@ -804,6 +869,20 @@ static Entry *entry_for(Decoder *d, const unsigned char *rec) {
             goto fail;
         }
     }
+    if (tmp.data != NULL && tmp.cap > tmp.len) {
+        /* Buf starts at 64 KiB: keep a copy of only what the template uses (a cache holds
+         * thousands). A copy, not a realloc: shrinking in place would leave a 64 KiB hole per
+         * template that the next one's 64 KiB does not fit in. */
+        char *text = PyMem_Malloc(tmp.len ? tmp.len : 1);
+        if (text == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        memcpy(text, tmp.data, tmp.len);
+        PyMem_Free(tmp.data);
+        tmp.data = text;
+        tmp.cap = tmp.len;
+    }
     e = cache_slot(d, rec);
     if (e == NULL)
         goto fail;
@@ -1137,6 +1216,30 @@ static PyObject *Decoder_feed(Decoder *d, PyObject *payload_obj) {
                 PyErr_Format(d->frame_error, "unknown event kind %d", (int)rec[1]);
                 goto error;
             }
+            if (rec[2] & FLAG_HIDDEN) {
+                /* Not shown, not counted: only the other renderers (the summary) see it. */
+                if (items != NULL && d->limit != 0) {
+                    PyObject *body = PyBytes_FromStringAndSize((const char *)rec, EVENT_SIZE);
+                    PyObject *ev = body ? PyObject_CallFunction(d->meta_cb, "iO", REC_EVENT,
+                                                                body) : NULL;
+                    Py_XDECREF(body);
+                    if (ev == NULL)
+                        goto error;
+                    int r = PyList_Append(items, ev);
+                    Py_DECREF(ev);
+                    if (r < 0)
+                        goto error;
+                }
+                pos = end;
+                continue;
+            }
+            if (d->n_ended && thread_ended(d, rd32(rec + 4))) {
+                /* An event of an ended thread: the error the plain pipeline gives, although
+                 * its templates are still cached. */
+                PyObject *code, *thread;
+                if (lookup_ids(d, rd32(rec + 8), rd32(rec + 4), &code, &thread) < 0)
+                    goto error;
+            }
             if (d->limit == 0) {
                 /* Not rendered; an unknown id is an error all the same. */
                 if (cache_find(d, rec) == NULL) {
@@ -1233,6 +1336,23 @@ static PyObject *Decoder_feed(Decoder *d, PyObject *payload_obj) {
                 goto error;
             dropped += count;
             d->seq += count;
+        } else if (rtype == REC_THREAD_END) {
+            if (n - pos < 5) {
+                PyErr_SetString(d->frame_error, "truncated thread end record");
+                goto error;
+            }
+            PyObject *body = PyBytes_FromStringAndSize((const char *)data + pos + 1, 4);
+            PyObject *res = body ? PyObject_CallFunction(d->meta_cb, "iO", (int)rtype, body)
+                                 : NULL;
+            Py_XDECREF(body);
+            if (res == NULL)
+                goto error;
+            int r = items != NULL && res != Py_None ? PyList_Append(items, res) : 0;
+            Py_DECREF(res);
+            if (r < 0)
+                goto error;
+            forget_thread(d, rd32(data + pos + 1));
+            pos += 5;
         } else {
             PyErr_Format(d->frame_error, "unknown record type %d at offset %zu", (int)rtype, pos);
             goto error;

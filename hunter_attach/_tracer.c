@@ -38,6 +38,8 @@ enum { REC_EVENT = 1, REC_DROP = 4 };
 enum { FRAME_RECORDS = 4 };
 #define EVENT_SIZE 28
 #define FLAG_ARG 1
+#define FLAG_HIDDEN 2
+#define K_HIDDEN_RETURNS 4  /* kinds bit: a return that does not match goes out hidden */
 
 /* ---- program opcodes (docs/internals.md) ------------------------------------------------- */
 enum { OP_TRUE, OP_FALSE, OP_AND, OP_OR, OP_NOT, OP_KIND, OP_CMP, OP_IN, OP_PY };
@@ -179,8 +181,11 @@ static int append_meta(PyObject *bytes) {
     return p != NULL;
 }
 
-static void emit(int kind, uint32_t code_id, int lineno, uint32_t depth, const char *arg,
-                 Py_ssize_t arglen) {
+/* An event record. A hidden one (a return only --summary sees, protocol.py) has no argument
+ * and is not counted: it is not part of the stream's numbering, and one that finds no room in
+ * drop mode is simply not sent. */
+static void emit_as(int hidden, int kind, uint32_t code_id, int lineno, uint32_t depth,
+                    const char *arg, Py_ssize_t arglen) {
     size_t n = EVENT_SIZE + (arg ? 4 + (size_t)arglen : 0);
     int64_t ts = now_ns();
     pthread_mutex_lock(&B.mu);
@@ -190,7 +195,7 @@ static void emit(int kind, uint32_t code_id, int lineno, uint32_t depth, const c
     }
     char *p = reserve(n);
     if (!p) {
-        if (!B.finished) {
+        if (!B.finished && !hidden) {
             B.seen++;
             B.dropped++;
             B.pending_drop++;
@@ -198,10 +203,10 @@ static void emit(int kind, uint32_t code_id, int lineno, uint32_t depth, const c
         pthread_mutex_unlock(&B.mu);
         return;
     }
-    B.seen++;
+    if (!hidden) B.seen++;
     p[0] = REC_EVENT;
     p[1] = (char)kind;
-    uint16_t flags = arg ? FLAG_ARG : 0;
+    uint16_t flags = (arg ? FLAG_ARG : 0) | (hidden ? FLAG_HIDDEN : 0);
     memcpy(p + 2, &flags, 2);
     put_u32(p + 4, T.thread_id);
     put_u32(p + 8, code_id);
@@ -212,8 +217,13 @@ static void emit(int kind, uint32_t code_id, int lineno, uint32_t depth, const c
         put_u32(p + 28, (uint32_t)arglen);
         memcpy(p + 32, arg, (size_t)arglen);
     }
-    B.sent++;
+    if (!hidden) B.sent++;
     pthread_mutex_unlock(&B.mu);
+}
+
+static void emit(int kind, uint32_t code_id, int lineno, uint32_t depth, const char *arg,
+                 Py_ssize_t arglen) {
+    emit_as(0, kind, code_id, lineno, depth, arg, arglen);
 }
 
 /* ---- code cache --------------------------------------------------------------------------- */
@@ -275,27 +285,281 @@ static entry_t *lookup(PyObject *code, PyObject *frame) {
     entry_t *e = cache_find(code);
     if (e) return e;
     PyObject *r = PyObject_CallFunctionObjArgs(cb_decide, code, frame ? frame : Py_None, NULL);
-    e = cache_insert(code);
-    if (!e) { Py_XDECREF(r); PyErr_Clear(); return NULL; }
-    if (!r) { PyErr_Clear(); return e; }
-    if (r != Py_None) {
-        unsigned long id, kinds;
-        PyObject *prog, *meta, *args = NULL;
-        if (PyArg_ParseTuple(r, "kkOO|O", &id, &kinds, &prog, &meta, &args)) {
-            /* Without its CODE record the CLI could not decode this code's events: if the
-             * record cannot be written, the code is treated as never matching. */
-            if ((prog == Py_None || PyBytes_Check(prog)) && PyBytes_Check(meta) &&
-                append_meta(meta)) {
-                if (args && PyTuple_Check(args)) e->args = Py_NewRef(args);
-                if (prog != Py_None) e->prog = Py_NewRef(prog);
-                e->id = (uint32_t)id;
-                e->kinds = (uint32_t)kinds;
-            }
+    /* Deciding and writing the CODE record may both let other threads run (append_meta waits
+     * for room with the GIL released): the entry is published only once complete, or another
+     * thread would take a half-made one for "never matches" and lose its events. */
+    uint32_t id = 0, kinds = 0;
+    PyObject *prog = NULL, *args = NULL;  /* borrowed from r */
+    if (r && r != Py_None) {
+        unsigned long lid, lkinds;
+        PyObject *p, *meta, *a = NULL;
+        /* Without its CODE record the CLI could not decode this code's events: if the record
+         * cannot be written, the code is treated as never matching. */
+        if (PyArg_ParseTuple(r, "kkOO|O", &lid, &lkinds, &p, &meta, &a) &&
+            (p == Py_None || PyBytes_Check(p)) && PyBytes_Check(meta) && append_meta(meta)) {
+            id = (uint32_t)lid;
+            kinds = (uint32_t)lkinds;
+            prog = p != Py_None ? p : NULL;
+            args = a && PyTuple_Check(a) ? a : NULL;
         }
-        PyErr_Clear();
     }
-    Py_DECREF(r);
+    PyErr_Clear();
+    e = cache_find(code);  /* another thread may have decided it meanwhile: theirs stands */
+    if (!e && (e = cache_insert(code)) != NULL) {
+        e->id = id;
+        e->kinds = kinds;
+        e->prog = prog ? Py_NewRef(prog) : NULL;
+        e->args = args ? Py_NewRef(args) : NULL;
+    }
+    Py_XDECREF(r);
     return e;
+}
+
+/* ---- greenlets as pseudo-threads -------------------------------------------------------------
+ * gevent and eventlet run many greenlets on one OS thread, each with its own stack of frames.
+ * Each greenlet gets its own thread record: on every switch greenlet calls our switch callback
+ * (greenlet.settrace, per OS thread, a C function of this module: no Python frame per switch),
+ * which saves T for the greenlet being left and restores the entered one's, or leaves T unset
+ * so that its next event names it through on_thread(greenlet). Depth and calls are then exact
+ * per greenlet. A previous greenlet trace function is called after ours, as greenlet would.
+ *
+ * greenlet keeps its trace function in C++ thread-local state: only the thread itself can set
+ * it. So the hook goes on at a thread's first event of a session, and comes off at that
+ * thread's next switch after the session ends (it only passes through until then). */
+static PyObject *gl_getcurrent, *gl_settrace, *gl_gettrace;  /* greenlet's C functions */
+static PyObject *gl_parent, *gl_dead;  /* greenlet.greenlet's own descriptors (C getters) */
+static int gl_enabled;               /* this session splits threads into greenlets */
+static int gl_every;                 /* hook every traced thread (gevent, eventlet loaded) */
+static unsigned long gl_exclude;     /* the agent's thread: never hooked */
+static PyObject *gl_switch_fn;       /* our callback: this module's greenlet_switch */
+static __thread uint64_t gl_gen;     /* the session this thread's hook belongs to */
+static __thread PyObject *gl_prev;   /* the greenlet trace function ours replaced here */
+static __thread int gl_hooked;       /* ours is installed on this thread */
+static __thread PyObject *gl_cur;    /* the greenlet running on this thread (borrowed) */
+
+/* Saved states of greenlets not running now, keyed by address. A weak reference tells a live
+ * greenlet from a new one at the address of a dead one; dead ones are swept when the table
+ * would grow, so it holds about as many slots as there are live greenlets. */
+typedef struct { PyObject *g; PyObject *wr; tstate_t st; } gslot_t;
+static gslot_t *gtab;
+static size_t gtab_cap, gtab_len;
+
+static int gslot_live(gslot_t *s) {
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *o = NULL;
+    if (!s->wr || PyWeakref_GetRef(s->wr, &o) <= 0) { PyErr_Clear(); return 0; }
+    Py_DECREF(o);  /* only compared */
+    return o == s->g;
+#else
+    return s->wr && PyWeakref_GetObject(s->wr) == s->g;
+#endif
+}
+
+static gslot_t *gtab_probe(gslot_t *tab, size_t cap, PyObject *g) {
+    size_t i = hash_ptr(g) & (cap - 1);
+    while (tab[i].g && tab[i].g != g) i = (i + 1) & (cap - 1);
+    return &tab[i];
+}
+
+static void gtab_clear(void) {
+    for (size_t i = 0; i < gtab_cap; i++) Py_XDECREF(gtab[i].wr);
+    PyMem_Free(gtab);
+    gtab = NULL;
+    gtab_cap = gtab_len = 0;
+}
+
+/* Rebuild with room for one more, keeping live greenlets' slots only. 0 on failure. */
+static int gtab_rebuild(void) {
+    size_t live = 0;
+    for (size_t i = 0; i < gtab_cap; i++) live += gtab[i].g && gslot_live(&gtab[i]);
+    size_t ncap = 64;
+    while ((live + 1) * 2 > ncap) ncap *= 2;
+    gslot_t *n = PyMem_Calloc(ncap, sizeof(gslot_t));
+    if (!n) return 0;
+    for (size_t i = 0; i < gtab_cap; i++) {
+        if (!gtab[i].g) continue;
+        if (gslot_live(&gtab[i])) *gtab_probe(n, ncap, gtab[i].g) = gtab[i];
+        else Py_XDECREF(gtab[i].wr);
+    }
+    PyMem_Free(gtab);
+    gtab = n;
+    gtab_cap = ncap;
+    gtab_len = live;
+    return 1;
+}
+
+/* The live slot of g, or NULL */
+static gslot_t *gtab_find(PyObject *g) {
+    if (!gtab_cap) return NULL;
+    gslot_t *s = gtab_probe(gtab, gtab_cap, g);
+    return s->g && gslot_live(s) ? s : NULL;
+}
+
+static void gtab_save(PyObject *g) {
+    gslot_t *s = gtab_cap ? gtab_probe(gtab, gtab_cap, g) : NULL;
+    if (!s || !s->g) {
+        if ((gtab_len + 1) * 2 > gtab_cap && !gtab_rebuild()) return;
+        s = gtab_probe(gtab, gtab_cap, g);
+        if (!s->g) gtab_len++;
+    }
+    if (!s->g || !gslot_live(s)) {  /* a new slot, or a dead greenlet's address reused */
+        PyObject *wr = PyWeakref_NewRef(g, NULL);
+        if (!wr) { PyErr_Clear(); if (!s->g) gtab_len--; return; }
+        Py_XSETREF(s->wr, wr);
+        s->g = g;
+    }
+    s->st = T;
+}
+
+static void walk_note_stack(int skip_top);
+
+/* g's attribute through greenlet.greenlet's own descriptor (a subclass's property never
+ * runs): a new reference, or NULL with no error set. */
+static PyObject *gl_read(PyObject *descr, PyObject *g) {
+    descrgetfunc get = descr ? Py_TYPE(descr)->tp_descr_get : NULL;
+    PyObject *v = get ? get(descr, g, (PyObject *)Py_TYPE(g)) : NULL;
+    if (!v) PyErr_Clear();
+    return v;
+}
+
+/* Is g its thread's main greenlet (no parent)? 1, 0, or -1 when unknown. */
+static int gl_is_main(PyObject *g) {
+    PyObject *parent = gl_read(gl_parent, g);
+    if (!parent) return -1;
+    Py_DECREF(parent);
+    return parent == Py_None;
+}
+
+/* A greenlet that has finished (its last switch is the one to its parent). */
+static int gl_is_dead(PyObject *g) {
+    PyObject *dead = gl_read(gl_dead, g);
+    Py_XDECREF(dead);
+    return dead == Py_True;
+}
+
+/* A switch on this thread, in the entered greenlet, with the GIL. */
+static void gl_switched(PyObject *origin, PyObject *target) {
+    if (!gl_is_dead(origin)) {
+        gtab_save(origin);  /* even unnamed: it has been seen (see walk_note_stack) */
+    } else if (T.gen == generation && !T.skip) {
+        /* its pseudo-thread ended: a THREAD_END record (protocol.py), so the CLI forgets it */
+        char rec[5] = {5};
+        put_u32(rec + 1, T.thread_id);
+        PyObject *b = PyBytes_FromStringAndSize(rec, 5);
+        if (b) { append_meta(b); Py_DECREF(b); } else { PyErr_Clear(); }
+    }
+    gl_cur = target;
+    gslot_t *s = gtab_find(target);
+    if (s) {
+        T = s->st;
+    } else {
+        T.gen = 0;  /* its first event names it */
+        walk_note_stack(0);
+    }
+}
+
+/* Put the previous function back, unless another one went on over ours (it may call ours as
+ * its previous one: then ours keeps passing through to gl_prev). */
+static void gl_unhook_thread(void) {
+    PyObject *cur = PyObject_CallObject(gl_gettrace, NULL);
+    if (!cur) { PyErr_Clear(); return; }
+    Py_DECREF(cur);  /* only compared */
+    if (cur != gl_switch_fn) return;
+    PyObject *r = PyObject_CallFunctionObjArgs(gl_settrace, gl_prev ? gl_prev : Py_None, NULL);
+    if (!r) { PyErr_Clear(); return; }
+    Py_DECREF(r);
+    Py_CLEAR(gl_prev);
+    gl_hooked = 0;
+    gl_cur = NULL;
+}
+
+/* greenlet_switch(event, (origin, target)): greenlet's trace function, see above. */
+static PyObject *ha_greenlet_switch(PyObject *self, PyObject *args) {
+    PyObject *event, *pair;
+    if (!PyArg_ParseTuple(args, "OO", &event, &pair)) { PyErr_Clear(); Py_RETURN_NONE; }
+    PyObject *prev = gl_prev ? Py_NewRef(gl_prev) : NULL;
+    if (!gl_hooked) {
+        /* installed by hand (a copy of ours from greenlet.gettrace()): nothing of ours */
+    } else if (!active || gl_gen != generation || !gl_enabled) {
+        gl_unhook_thread();  /* this thread's session is over: hand it back */
+    } else if (PyTuple_Check(pair) && PyTuple_GET_SIZE(pair) == 2) {
+        gl_switched(PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1));
+    }
+    if (!prev) Py_RETURN_NONE;
+    /* what greenlet would have done without us, errors included */
+    PyObject *r = PyObject_Call(prev, args, NULL);
+    Py_DECREF(prev);
+    if (!r) return NULL;
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+/* A thread's first event of a session: learn which greenlet runs now and put our switch
+ * callback on the thread, if it runs greenlets: always under gevent or eventlet (gl_every),
+ * else when the event is in a greenlet other than the thread's main one (a process that only
+ * imports greenlet keeps its plain threads free of it). Only greenlet's C functions run. */
+static void gl_hook_thread(void) {
+    if (gl_gen == generation) return;
+    gl_gen = generation;
+    gl_cur = NULL;
+    if (PyThread_get_thread_ident() == gl_exclude) return;
+    PyObject *g = PyObject_CallObject(gl_getcurrent, NULL);
+    if (!g) { PyErr_Clear(); return; }
+    Py_DECREF(g);  /* the running greenlet is kept alive by greenlet's thread state */
+    int main = gl_is_main(g);
+    if (main != 0 && !gl_every && !gl_hooked) return;
+    if (!gl_hooked) {
+        PyObject *cur = PyObject_CallObject(gl_gettrace, NULL);
+        if (!cur) { PyErr_Clear(); return; }
+        PyObject *r = PyObject_CallFunctionObjArgs(gl_settrace, gl_switch_fn, NULL);
+        if (!r) { PyErr_Clear(); Py_DECREF(cur); return; }
+        Py_DECREF(r);
+        if (cur == Py_None) Py_CLEAR(cur);
+        Py_XSETREF(gl_prev, cur);
+        gl_hooked = 1;
+    }
+    /* else ours is still on from an earlier session, directly or in the chain of a function
+     * put over it (which calls it): it gets every switch as it is, and gl_prev stays. */
+    gl_cur = g;
+    /* A greenlet other than the thread's main one, running at the thread's first event: it was
+     * switched to without us (the hook was not on yet), so what is under this event's frame
+     * was on its stack before attach. (A main greenlet's was in sys._current_frames().) */
+    if (main == 0) walk_note_stack(1);
+}
+
+/* greenlets(getcurrent, settrace, gettrace, exclude_ident, greenlet_type, every_thread) or
+ * greenlets(None): this session's greenlet functions (greenlet.getcurrent, settrace, gettrace:
+ * C functions) and the greenlet.greenlet type (its C "parent" and "dead" getters are used), or
+ * none; every_thread: hook each traced thread, not only those caught inside a greenlet. */
+static PyObject *ha_greenlets(PyObject *self, PyObject *args) {
+    PyObject *getcurrent, *settrace = NULL, *gettrace = NULL, *type = NULL;
+    unsigned long exclude = 0;
+    int every = 0;
+    if (!PyArg_ParseTuple(args, "O|OOkOp", &getcurrent, &settrace, &gettrace, &exclude, &type,
+                          &every))
+        return NULL;
+    if (getcurrent == Py_None) {
+        gl_enabled = 0;
+        Py_RETURN_NONE;
+    }
+    if (!settrace || !gettrace || !PyCallable_Check(getcurrent) || !PyCallable_Check(settrace) ||
+        !PyCallable_Check(gettrace)) {
+        PyErr_SetString(PyExc_TypeError, "greenlets(getcurrent, settrace, gettrace, ident)");
+        return NULL;
+    }
+    /* kept after the session: a thread's hook still uses settrace to take itself out */
+    Py_XSETREF(gl_getcurrent, Py_NewRef(getcurrent));
+    Py_XSETREF(gl_settrace, Py_NewRef(settrace));
+    Py_XSETREF(gl_gettrace, Py_NewRef(gettrace));
+    PyObject *dict = type && PyType_Check(type) ? ((PyTypeObject *)type)->tp_dict : NULL;
+    PyObject *parent = dict ? PyDict_GetItemString(dict, "parent") : NULL;
+    PyObject *dead = dict ? PyDict_GetItemString(dict, "dead") : NULL;
+    Py_XSETREF(gl_parent, parent ? Py_NewRef(parent) : NULL);
+    Py_XSETREF(gl_dead, dead ? Py_NewRef(dead) : NULL);
+    gl_exclude = exclude;
+    gl_every = every;
+    gl_enabled = 1;
+    Py_RETURN_NONE;
 }
 
 /* First event of a thread in this session: the agent names it (THREAD record), tells us to
@@ -308,7 +572,10 @@ static int thread_enter(void) {
     T.skip = 1;
     unsigned long ident = PyThread_get_thread_ident();
     T.ident = ident == main_ident ? -1 : (int64_t)ident;
-    PyObject *r = PyObject_CallFunctionObjArgs(cb_thread, NULL);
+    if (gl_enabled) gl_hook_thread();
+    /* with greenlets, the agent names the greenlet, not the thread */
+    PyObject *r = gl_enabled && gl_cur ? PyObject_CallFunctionObjArgs(cb_thread, gl_cur, NULL)
+                                       : PyObject_CallFunctionObjArgs(cb_thread, NULL);
     if (r == Py_False) {
         /* not ready to be named yet (a thread still starting): skip this event, ask again */
         T.gen = 0;
@@ -589,12 +856,14 @@ static void on_event(PyObject *code, PyObject *frame, int kind, int lineno, PyOb
     /* Python callbacks below may let other threads run, which can grow (move) the cache, and
      * emit() may wait for room with the GIL released: keep what we need, by value or by ref. */
     uint32_t id = e->id;
+    int hide = kind == K_RETURN && ((e->kinds >> K_HIDDEN_RETURNS) & 1);
     PyObject *prog = e->prog ? Py_NewRef(e->prog) : NULL;
     PyObject *args = e->args && kind == K_CALL ? Py_NewRef(e->args) : NULL;
     int keep = !prog || run_program(prog, kind, lineno, frame, arg);
     Py_XDECREF(prog);
     if (!keep) {
         Py_XDECREF(args);
+        if (hide) emit_as(1, kind, id, lineno, T.depth, NULL, 0);
         return;
     }
     PyObject *text = NULL;  /* owns the argument's UTF-8 while emit() copies it */
@@ -746,6 +1015,30 @@ static PyObject *ha_uninstall(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(removed);
 }
 
+/* The type names of the trace (or profile) objects that install() replaced: another tool's
+ * tracer (coverage.py's CTracer, cProfile's Profiler), suspended while we trace. Only tp_name
+ * is read: nothing of the object runs. */
+static PyObject *type_name(PyTypeObject *t) {
+    /* A static type's tp_name holds its module ("_lsprof.Profiler"); a class defined in Python
+     * has its module in its dict (read, not looked up: no descriptor runs). */
+    PyObject *module = (t->tp_flags & Py_TPFLAGS_HEAPTYPE) && t->tp_dict
+                       ? PyDict_GetItemString(t->tp_dict, "__module__") : NULL;
+    if (module && PyUnicode_Check(module)) return PyUnicode_FromFormat("%U.%s", module, t->tp_name);
+    return PyUnicode_FromString(t->tp_name);
+}
+
+static PyObject *ha_suspended(PyObject *self, PyObject *unused) {
+    PyObject *names = PySet_New(NULL);
+    if (!names) return NULL;
+    for (size_t i = 0; i < nsaved; i++) {
+        if (!saved[i].f || saved[i].f == tracefunc) continue;
+        PyObject *name = saved[i].o ? type_name(Py_TYPE(saved[i].o)) : PyUnicode_FromString("?");
+        if (!name || PySet_Add(names, name) < 0) { Py_XDECREF(name); Py_DECREF(names); return NULL; }
+        Py_DECREF(name);
+    }
+    return names;
+}
+
 /* threading.settrace()/setprofile() hook for threads started while we trace: the first call in
  * the new thread lands here; we put the C function in place and handle that event. */
 static PyObject *ha_thread_hook(PyObject *self, PyObject *args) {
@@ -758,6 +1051,7 @@ static PyObject *ha_thread_hook(PyObject *self, PyObject *args) {
         tracefunc(NULL, (PyFrameObject *)frame, PyTrace_CALL, NULL);
     Py_RETURN_NONE;
 }
+static void walk_note_stack(int skip_top) { (void)skip_top; }  /* depth is counted here */
 #endif /* HA_SETTRACE */
 
 /* ---- sys.monitoring backend (3.12+) -------------------------------------------------------
@@ -823,6 +1117,23 @@ static int walk_prepare(PyObject *code, PyObject *frame, int kind) {
 }
 
 static PyObject *disable(void) { return Py_NewRef(disable_obj); }
+
+/* Walk mode, a greenlet entered for the first time this session: what is on its stack now was
+ * there before attach (a new greenlet's stack is empty), like the frames of sys._current_frames()
+ * at attach, so depth counts from above them as settrace would. skip_top: all but the frame of
+ * the event being handled. */
+static void walk_note_stack(int skip_top) {
+    if (!walk_mode || !preexisting) return;
+    PyFrameObject *f = PyEval_GetFrame();
+    if (f && skip_top) f = PyFrame_GetBack(f);
+    else Py_XINCREF(f);
+    while (f) {
+        if (PySet_Add(preexisting, (PyObject *)f) < 0) PyErr_Clear();
+        PyFrameObject *back = PyFrame_GetBack(f);
+        Py_DECREF(f);
+        f = back;
+    }
+}
 
 /* PY_START, PY_RESUME (code, offset) */
 static PyObject *mon_start(PyObject *self, PyObject *const *args, Py_ssize_t n) {
@@ -987,6 +1298,8 @@ static PyObject *ha_configure(PyObject *self, PyObject *args, PyObject *kw) {
     pthread_mutex_unlock(&B.mu);
     if (!ok) return PyErr_NoMemory();
     main_ident = mident;
+    gtab_clear();
+    gl_enabled = 0;
     generation++;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     Py_RETURN_NONE;
@@ -1002,6 +1315,8 @@ static PyObject *ha_reset(PyObject *self, PyObject *unused) {
     active = 0;
     generation++;
     cache_clear();
+    gtab_clear();
+    gl_enabled = 0;
     mon_reset();
     Py_CLEAR(cb_decide);
     Py_CLEAR(cb_thread);
@@ -1149,6 +1464,21 @@ static PyObject *ha_stop_pump(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* append(record bytes) -> bool: a record made by the agent on its own thread (THREAD_END), if
+ * there is room now. Never waits: the agent's thread is the one that makes room. */
+static PyObject *ha_append(PyObject *self, PyObject *arg) {
+    char *data; Py_ssize_t n;
+    if (PyBytes_AsStringAndSize(arg, &data, &n) < 0) return NULL;
+    int ok = 0;
+    pthread_mutex_lock(&B.mu);
+    if (B.fill && !B.finished && B.len + (size_t)n + (B.pending_drop ? 9 : 0) <= B.cap) {
+        char *p = reserve((size_t)n);  /* there is room: does not wait */
+        if (p) { memcpy(p, data, (size_t)n); ok = 1; }
+    }
+    pthread_mutex_unlock(&B.mu);
+    return PyBool_FromLong(ok);
+}
+
 static PyObject *ha_stats(PyObject *self, PyObject *unused) {
     pthread_mutex_lock(&B.mu);
     PyObject *d = Py_BuildValue("{s:K,s:K,s:K,s:i,s:n}", "seen", (unsigned long long)B.seen,
@@ -1167,11 +1497,16 @@ static PyMethodDef methods[] = {
     {"pump", ha_pump, METH_VARARGS, "Stream records to a socket fd; see the C comment."},
     {"stop_pump", ha_stop_pump, METH_O, "Ask pump() to flush and return."},
     {"stats", ha_stats, METH_NOARGS, "Counters of this session."},
+    {"append", ha_append, METH_O, "append(record): the agent's own record, if there is room now."},
     {"alive", ha_alive, METH_NOARGS, "The CLI sent a KEEPALIVE: it is slow, not gone."},
     {"abandon", ha_abandon, METH_NOARGS, "The CLI is gone: release waiting producers."},
+    {"greenlets", ha_greenlets, METH_VARARGS,
+     "greenlets(getcurrent, settrace, gettrace, agent_ident, type, every) or greenlets(None)"},
+    {"greenlet_switch", ha_greenlet_switch, METH_VARARGS, "greenlet.settrace callback"},
 #ifdef HA_SETTRACE
     {"install", ha_install, METH_VARARGS, "install(mode, exclude_ident): trace every thread."},
     {"uninstall", ha_uninstall, METH_NOARGS, "Restore every thread's previous function."},
+    {"suspended", ha_suspended, METH_NOARGS, "Type names of the functions install() replaced."},
     {"thread_hook", ha_thread_hook, METH_VARARGS, "threading.settrace hook for new threads."},
 #else
     {"mon_configure", ha_mon_configure, METH_VARARGS,
@@ -1193,6 +1528,7 @@ PyMODINIT_FUNC PyInit__tracer(void) {
     if (!m) return NULL;
     str_f_trace_lines = PyUnicode_InternFromString("f_trace_lines");
     marker = PyUnicode_InternFromString("<hunter-attach tracer>");
+    gl_switch_fn = PyObject_GetAttrString(m, "greenlet_switch");
 #ifdef HA_SETTRACE
     PyModule_AddStringConstant(m, "BACKEND", "settrace");
 #else

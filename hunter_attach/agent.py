@@ -11,18 +11,19 @@ reprs of matched events, and moves control frames.
 
 from __future__ import annotations
 
-import _thread
 import linecache
 import os
 import socket
 import sys
+from array import array
+from time import monotonic as _monotonic
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import filters, protocol, saferepr
+from . import filters, green, protocol, saferepr
 
 # Only one session at a time per process: the C tracer's state is process-wide. Module state
 # survives between sessions because the bootstrap reuses this package when its sources match.
-_session_lock = _thread.allocate_lock()
+_session_lock = green.allocate_lock()  # real locks and idents even under gevent (green.py)
 _current: List[Any] = [None, None]  # the running Session and its socket, for the fork hook
 _fork_hook_installed = False
 
@@ -75,9 +76,50 @@ def _thread_name(ident: int, main: bool) -> str:
         # threading._active, not current_thread(): the latter would register a dummy thread
         # object in the target for threads started with _thread.
         thread = threading._active.get(ident)  # type: ignore[attr-defined]
-        if thread is not None:
-            return str(thread.name)
+        name = saferepr.thread_name(thread) if thread is not None else None
+        if name is not None:
+            return str(name)
     return "MainThread" if main else "Thread-%d" % ident
+
+
+def _is_ours(code: Any, module: Any) -> bool:
+    """Is this code the tool's own: the agent package, the bootstrap template (BOOT_MODULE), or
+    the injected line that runs it (a "<string>" holding the template)? A late second
+    delivery of the bootstrap may run on a traced thread; none of it is ever an event."""
+    if type(module) is str and module.startswith(protocol.PACKAGE):
+        return True
+    return code.co_filename == "<string>" and any(
+        type(const) is str and const.startswith(protocol.BOOT_MARKER) for const in code.co_consts)
+
+
+def _bottom(frame: Any) -> Any:
+    """The outermost frame of a stack: what the thread was started to run."""
+    while frame.f_back is not None:
+        frame = frame.f_back
+    return frame
+
+
+# The OS thread's id (3.8+ on Linux), CPython's own even under gevent or eventlet; None: the
+# agent cannot tell OS threads apart, and does not report any as ended.
+_get_native_id = green.original("_thread", "get_native_id")
+
+
+def _native_id() -> int:
+    return int(_get_native_id()) if _get_native_id is not None else 0
+
+
+def _with_hidden_returns(kinds: int, program: Optional[bytes]) -> Tuple[int, Optional[bytes]]:
+    """kinds and program for a code whose calls can match, under --summary: its returns are
+    delivered too, and those that do not match go out hidden (HIDDEN_RETURNS). When returns
+    could not match before, the program gets ``AND KIND(kinds)``, which keeps them out. The
+    original program is pure then (a `from` needs returns, so it has them already)."""
+    if not kinds & (1 << protocol.RETURN):
+        tail = array("q", [filters.OP_KIND, kinds]).tobytes()
+        if program is not None:
+            tail += array("q", [filters.OP_AND]).tobytes()
+        program = (program or b"") + tail
+        kinds |= 1 << protocol.RETURN
+    return kinds | (1 << protocol.HIDDEN_RETURNS), program
 
 
 class Session:
@@ -88,7 +130,15 @@ class Session:
         self.filter = filters.Filter(config["query"])
         self.repr_limit = int(config.get("repr_limit", 1024))
         self.main_ident = _main_ident()
-        self.my_ident = _thread.get_ident()
+        self.my_ident = green.get_ident()
+        # The thread that ran the bootstrap, unless it is the main thread (a pending call): the
+        # gdb helper's or manhole's connection thread, busy on our behalf for a while yet. Known
+        # by its outermost frame, not its ident, which a new thread may reuse once it ends.
+        self.delivery_frame: Any = None
+        delivered_by = config.get("delivered_by")
+        if delivered_by not in (None, self.my_ident, self.main_ident):
+            top = sys._current_frames().get(delivered_by)
+            self.delivery_frame = _bottom(top) if top is not None else None
         self.next_code = 1
         self.next_thread = 1
         self.linecache_added: set = set()
@@ -99,13 +149,24 @@ class Session:
         self.registered: List[int] = []
         self.lined_codes: List[Any] = []
         self.mode = 0
+        self.suspended: List[str] = []
+        self.greenlets = ""
+        # --summary: the tracer also sends the returns of code whose calls can match, hidden
+        # (protocol.py), so that a call's time ends at its real return.
+        self.hidden_returns = bool(config.get("summary", False))
+        # ident -> (thread id, native id) of the traced threads, to tell the CLI which ended.
+        self.thread_ids: Dict[int, Tuple[int, int]] = {}
+        self.last_reap = 0.0
 
     # ---- callbacks from the C tracer (tracing is off while they run) ----------------------
     def decide(self, code: Any, frame: Any) -> Optional[Tuple[int, int, Any, bytes, tuple]]:
         name = frame.f_globals.get("__name__", "") if frame is not None else ""
         module_file = frame.f_globals.get("__file__") if frame is not None else None
+        if _is_ours(code, name):
+            return None
         decision = self.filter.decide(code, name, module_file)  # hunter's rules for odd names
-        module = "?" if name is None else str(name)
+        # str() of a plain value runs no user code; anything else is shown as "?"
+        module = "?" if name is None or not saferepr.is_plain(name) else str(name)
         if decision.never:
             return None
         code_id = self.next_code
@@ -114,15 +175,19 @@ class Session:
             self.enable_lines(code)
         meta = protocol.encode_meta(protocol.REC_CODE, self.code_info(code_id, code, module, frame))
         program = decision.program.tobytes() if decision.program is not None else None
+        kinds = decision.kinds
+        if self.hidden_returns and kinds & (1 << protocol.CALL):
+            kinds, program = _with_hidden_returns(kinds, program)
         names = code.co_varnames
         args = tuple((display, var, names.index(var))
                      for display, var in saferepr.arguments(code))
-        return code_id, decision.kinds, program, meta, args
+        return code_id, kinds, program, meta, args
 
     def code_info(self, code_id: int, code: Any, module: str, frame: Any) -> Dict[str, Any]:
         """The CODE record: what the CLI needs to render any event of this code object."""
-        module_globals = frame.f_globals if frame is not None else None
-        module_file = module_globals.get("__file__") if module_globals is not None else None
+        module_globals = filters.loader_globals(frame.f_globals) if frame is not None else None
+        module_file = saferepr.plain_str(frame.f_globals.get("__file__")) \
+            if frame is not None else None
         filename = filters.event_filename(code.co_filename, module_file)
         if filename not in linecache.cache:
             self.linecache_added.add(filename)
@@ -163,12 +228,18 @@ class Session:
             "fullsource": fullsource,
         }
 
-    def on_thread(self) -> Any:
-        """(thread id, THREAD record); None to never trace this thread; False to ask again."""
-        ident = _thread.get_ident()
+    def on_thread(self, greenlet: Any = None) -> Any:
+        """(thread id, THREAD record); None to never trace this thread; False to ask again.
+        `greenlet`: the greenlet running, when the tracer keeps greenlets apart (_tracer.c)."""
+        ident = green.get_ident()
         if ident == self.my_ident:
             return None
         main = ident == self.main_ident
+        if not main:
+            bottom = _bottom(sys._getframe())  # below us: the frames of the event's thread
+            if bottom is self.delivery_frame or _is_ours(
+                    bottom.f_code, bottom.f_globals.get("__name__")):
+                return None  # one of ours: the bootstrap's threads, manhole's connection
         threading = sys.modules.get("threading")
         if (not main and threading is not None and ident not in threading._active  # type: ignore
                 and threading._limbo):  # type: ignore[attr-defined]
@@ -178,7 +249,44 @@ class Session:
         thread_id = self.next_thread
         self.next_thread += 1
         info = {"id": thread_id, "ident": ident, "name": _thread_name(ident, main), "main": main}
-        return thread_id, protocol.encode_meta(protocol.REC_THREAD, info)
+        if greenlet is not None:
+            thread_main, name = green.greenlet_info(greenlet)
+            if not thread_main:  # a greenlet is a pseudo-thread of its own, named after itself
+                info.update(name=name, greenlet=True)
+                return thread_id, protocol.encode_meta(protocol.REC_THREAD, info)
+        # A pthread ident is reused once its thread has ended: a new OS thread with the ident
+        # of a traced one means that one ended. (The tracer's per-thread state is per OS
+        # thread, so the new one got here and gets a new id.)
+        native = _native_id()
+        ended = b""
+        old = self.thread_ids.get(ident)
+        if old is not None and old[1] != native:
+            ended = protocol.THREAD_END.pack(protocol.REC_THREAD_END, old[0])
+        self.thread_ids[ident] = (thread_id, native)
+        return thread_id, ended + protocol.encode_meta(protocol.REC_THREAD, info)
+
+    def reap_threads(self, final: bool = False) -> None:
+        """At most once a second (and at STOP: ``final``), from the agent's thread: a
+        THREAD_END record for each traced thread whose OS thread is gone, so that the CLI
+        forgets it. /proc/self/task lists the live OS threads (no Python code runs, unlike
+        asking threading); the tracer's state of a thread lives as long as its OS thread, even
+        past its last Python frame."""
+        now = _monotonic()
+        if now - self.last_reap < 1.0 and not final:
+            return
+        self.last_reap = now
+        entries = list(self.thread_ids.items())  # before the listing: these were alive then
+        try:
+            live = {int(name) for name in os.listdir("/proc/self/task")}
+        except (OSError, ValueError):
+            return
+        for ident, entry in entries:
+            if entry[1] and entry[1] not in live:
+                if not self.tracer.append(protocol.THREAD_END.pack(protocol.REC_THREAD_END,
+                                                                   entry[0])):
+                    return  # no room now: next time
+                if self.thread_ids.get(ident) is entry:
+                    del self.thread_ids[ident]
 
     def fmt(self, kind: int, frame: Any, arg: Any) -> str:
         if kind == protocol.CALL:
@@ -194,11 +302,14 @@ class Session:
                     drop=bool(self.config.get("drop", False)),
                     block_timeout=float(self.config.get("block_timeout", 10.0)),
                     main_ident=self.main_ident, repr_limit=self.repr_limit)
+        self.greenlets = self.hook_greenlets()
         if t.BACKEND == "monitoring":
             return self.install_monitoring()
         kinds = filters.kinds_mask(self.filter.tree)
         # A profile hook is cheaper, but gets no line or exception events, and before 3.11 it
-        # would report some returns' line numbers unlike settrace (see frame_line in C).
+        # would report some returns' line numbers unlike settrace (see frame_line in C). The
+        # summary's hidden returns do not count here: every hook reports returns, and a hidden
+        # one's line is never shown.
         profile_ok = (1 << protocol.CALL) | (
             (1 << protocol.RETURN) if sys.version_info >= (3, 11) else 0)
         mode = 1 if not kinds & ~profile_ok else 0
@@ -213,6 +324,13 @@ class Session:
                 threading.settrace(t.thread_hook)
         self.mode = mode
         count = int(t.install(mode, self.my_ident))
+        # Another tool's settrace/setprofile function (coverage.py, cProfile) is set aside on
+        # these threads until uninstall() puts it back: the CLI says so.
+        plain = "a Python sys.%s function" % ("setprofile" if mode else "settrace")
+        self.suspended = sorted(plain if name in ("function", "method") else name
+                                for name in (t.suspended() if hasattr(t, "suspended") else ()))
+        if self.previous_thread_hook is not None and not self.suspended:
+            self.suspended = ["threading hook %s" % type(self.previous_thread_hook).__name__]
         t.set_active(True)
         return count
 
@@ -237,7 +355,8 @@ class Session:
         if walk is False or kinds & ((1 << protocol.CALL) | (1 << protocol.LINE)):
             wanted += [(E.PY_START, t.mon_start), (E.PY_RESUME, t.mon_start),
                        (E.PY_THROW, t.mon_throw)]
-        if walk is False or kinds & (1 << protocol.RETURN):
+        if walk is False or kinds & (1 << protocol.RETURN) or (
+                self.hidden_returns and kinds & (1 << protocol.CALL)):
             wanted += [(E.PY_RETURN, t.mon_return), (E.PY_YIELD, t.mon_return),
                        (E.PY_UNWIND, t.mon_unwind)]
         if kinds & (1 << protocol.EXCEPTION):
@@ -274,9 +393,26 @@ class Session:
         self.tracer.set_active(True)
         return len(sys._current_frames()) - 1
 
+    def hook_greenlets(self) -> str:
+        """Tell greenlets apart (see _tracer.c): "" when the target has none, else READY's
+        "greenlets" note: "traced", or why not (the CLI shows it)."""
+        if not green.greenlets_in_use():
+            return ""
+        functions = green.greenlet_functions()
+        hook = getattr(self.tracer, "greenlets", None)
+        if functions is None or hook is None:
+            return ("greenlets are not told apart (this greenlet module has no C settrace): "
+                    "events show their thread's name, and depths of its greenlets mix")
+        hook(*functions, self.my_ident, green.greenlet_type(), green.hub_library_loaded())
+        return "traced"
+
     def uninstall(self) -> None:
         t = self.tracer
         t.set_active(False)
+        if getattr(self, "greenlets", "") == "traced":
+            # Each thread's switch hook takes itself out at the thread's next switch: greenlet
+            # lets only the thread itself set its trace function.
+            t.greenlets(None)
         if self.backend == "monitoring":
             mon = sys.monitoring  # type: ignore[attr-defined]
             if self.tool_id is not None and mon.get_tool(self.tool_id) == "hunter-attach":
@@ -319,9 +455,11 @@ def _read_control(sock: socket.socket, reader: protocol.FrameReader) -> Optional
         return None
 
 
-def _pump_until(sock: socket.socket, tracer: Any, reader: protocol.FrameReader) -> bool:
+def _pump_until(sock: socket.socket, tracer: Any, reader: protocol.FrameReader,
+                tick: Any = None) -> bool:
     """Stream until STOP (True) or until the CLI is gone (False). KEEPALIVEs tell the tracer
-    that a CLI which reads slowly is still there."""
+    that a CLI which reads slowly is still there. ``tick(final)`` runs after each control frame
+    (at least every second: the CLI's KEEPALIVE), and with final=True at STOP."""
     while True:
         if tracer.pump(sock.fileno(), 50, 10000) != 1:
             return False  # the socket failed, or the CLI took nothing and said nothing
@@ -330,9 +468,13 @@ def _pump_until(sock: socket.socket, tracer: Any, reader: protocol.FrameReader) 
             return False
         for ftype in frames:
             if ftype == protocol.STOP:
+                if tick is not None:
+                    tick(True)  # what ended since the last tick, before the final flush
                 return True
             if ftype == protocol.KEEPALIVE:
                 tracer.alive()
+        if tick is not None:
+            tick(False)
 
 
 def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
@@ -354,9 +496,11 @@ def serve(sock: socket.socket, tracer: Any, config: Dict[str, Any]) -> None:
             backend = "python-" + backend
         _send(sock, protocol.encode_json(protocol.READY, {
             "backend": backend, "threads": threads, "aliases": session.filter.aliases,
-            "python": list(sys.version_info[:3]), "pid": os.getpid()}))
+            "missing": session.filter.missing, "suspended": session.suspended,
+            "python": list(sys.version_info[:3]), "pid": os.getpid(),
+            "greenlets": session.greenlets}))
         reader = protocol.FrameReader(1 << 16)
-        graceful = _pump_until(sock, tracer, reader)
+        graceful = _pump_until(sock, tracer, reader, session.reap_threads)
         if not graceful:
             tracer.abandon()  # nobody will read: threads waiting for room go on at once
         session.uninstall()
@@ -423,7 +567,7 @@ def _install_fork_hook() -> None:
         global _session_lock
         session, sock = _current
         _current[:] = [None, None]
-        _session_lock = _thread.allocate_lock()  # the parent's agent thread is not here
+        _session_lock = green.allocate_lock()  # the parent's agent thread is not here
         for step in (lambda: session.uninstall() if session is not None else None,
                      lambda: session.tracer.reset() if session is not None else None,
                      lambda: sock.close() if sock is not None else None):

@@ -1,8 +1,8 @@
 """The bootstrap: the only Python text the CLI ever injects into the target.
 
-It is a fixed template. The CLI fills in exactly two values, the socket path and a one-time token,
-both of our own making and checked here, so no user text can reach the target as code. The query
-and everything else travel as data over the authenticated socket afterwards.
+It is a fixed template. The CLI passes exactly two values as its globals, the socket path and a
+one-time token, both of our own making and checked here, so no user text can reach the target as
+code. The query and everything else travel as data over the authenticated socket afterwards.
 
 In the target, the bootstrap only starts a thread and returns, so the thread that runs it (the
 main thread for a pending call, manhole's thread, or our helper thread) is held for microseconds.
@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import re
 
+from .protocol import BOOT_MARKER, BOOT_MODULE
+
 # Runs on CPython 3.8+. Kept free of f-strings and of anything that could fail at compile time.
-_TEMPLATE = r'''
+# Its first line is BOOT_MARKER (see protocol.py).
+_TEMPLATE = BOOT_MARKER + r'''
 import _thread
-def _boot(path, token):
-    import json, os, socket, struct, sys, types
+def _boot(path, token, delivered_by):
+    import json, os, struct, sys, types
+    import _socket as socket  # the C socket: gevent and eventlet patch socket.socket only
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     def send(ftype, obj):
         data = json.dumps(obj).encode()
@@ -76,6 +80,7 @@ def _boot(path, token):
             tracer = getattr(pkg, 'pytracer', None)  # the pure-Python twin
         pkg._tracer = tracer
         sys.modules['_hunter_attach._tracer'] = tracer
+        load['config']['delivered_by'] = delivered_by
         pkg.agent.serve(s, tracer, load['config'])
     except BaseException as exc:
         try:
@@ -88,9 +93,29 @@ def _boot(path, token):
             pass
 try:
     # A second delivery (gdb queues a pending call that may run much later) finds the socket
-    # gone, because the first connection consumed it, and does nothing.
-    if __import__('os').path.exists(PATH):
-        _thread.start_new_thread(_boot, (PATH, TOKEN))
+    # gone, because the first connection consumed it, and does nothing. Only builtins are
+    # called here: this may run on a traced thread, and no Python-level function that a query
+    # could match (posixpath.exists, say) may run on our behalf.
+    __import__('posix').stat(PATH)
+    # The real OS thread and ident, even after gevent or eventlet monkey patching (which makes
+    # start_new_thread spawn a greenlet on this very thread): a builtin as it is, else the
+    # original the green library keeps (eventlet: __original_module__thread; gevent:
+    # gevent.monkey.saved), read as data. The same lookup as green.py's, for the agent.
+    _fns = [_thread.start_new_thread, _thread.get_ident]
+    if type(_fns[0]) is not type(len) or type(_fns[1]) is not type(len):
+        _mods = __import__('sys').modules
+        _orig = _mods.get('__original_module__thread')
+        _orig = vars(_orig) if _orig is not None else {}
+        _gm = _mods.get('gevent.monkey')
+        _saved = vars(_gm).get('saved') if _gm is not None else None
+        _saved = _saved.get('_thread') if type(_saved) is dict else None
+        _saved = _saved if type(_saved) is dict else {}
+        for _i, _name in enumerate(('start_new_thread', 'get_ident')):
+            for _fn in (_orig.get(_name), _saved.get(_name)):
+                if type(_fn) is type(len):
+                    _fns[_i] = _fn
+                    break
+    _fns[0](_boot, (PATH, TOKEN, _fns[1]()))
 except BaseException:
     pass
 '''
@@ -100,12 +125,11 @@ _SAFE_TOKEN = re.compile(r"^[0-9a-f]{32,64}$")
 
 
 def render(socket_path: str, token: str) -> str:
-    """One line of Python that runs the template with these two values.
+    """One line of Python that runs the constant template with these two values as its globals.
 
     The values are validated against a narrow alphabet on top of being embedded with repr(), so
     even a bug elsewhere cannot turn them into code."""
     if not _SAFE_PATH.match(socket_path) or not _SAFE_TOKEN.match(token):
         raise ValueError("unsafe bootstrap parameters")
-    source = _TEMPLATE.replace("(PATH)", "(%r)" % socket_path).replace(
-        "(PATH, TOKEN)", "(%r, %r)" % (socket_path, token))
-    return "exec(%r, {'__name__': '_hunter_attach_boot'})" % source
+    return "exec(%r, {'__name__': %r, 'PATH': %r, 'TOKEN': %r})" % (
+        _TEMPLATE, BOOT_MODULE, socket_path, token)

@@ -7,21 +7,25 @@ allowed to end the program with a traceback.
 
 from __future__ import annotations
 
+import math
 import os
+import select
 import signal
+import stat
 import sys
 import time
-from typing import Any, Callable, List, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 import click
 
-from . import build, fastpath
+from . import __version__, build, fastpath
 from . import query as query_mod
 from . import target as target_mod
-from .errors import HunterAttachError, InjectionFailed, QueryError
+from .errors import HunterAttachError, InjectionFailed, OptionError, OutputFailed
 from .events import Event
 from .fastpath import Batch
 from .render import RenderOptions, make_renderers
+from .render.perfetto import create_temp
 from .session import Drop, Session
 
 PROG = "hunter-trace"
@@ -81,6 +85,35 @@ class Output:
                 os.close(self.fd)
 
 
+class ReaderWatch:
+    """Notices that the reader of a pipe or socket has gone (``| head -5`` exited) although
+    nothing is being written: a write would fail with EPIPE, but a query that matches nothing
+    writes nothing, and the CLI would stay attached for ever. Files and terminals never hang up."""
+
+    INTERVAL = 0.2  # seconds between two looks
+
+    def __init__(self, fd: int) -> None:
+        self.poller: Optional[Any] = None
+        self.next = 0.0
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            return
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            self.poller = select.poll()
+            self.poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+
+    def gone(self) -> bool:
+        if self.poller is None:
+            return False
+        now = time.monotonic()
+        if now < self.next:
+            return False
+        self.next = now + self.INTERVAL
+        return any(events & (select.POLLERR | select.POLLHUP)
+                   for _, events in self.poller.poll(0))
+
+
 class Status:
     """The live status line on stderr (only when stderr is a terminal)."""
 
@@ -134,7 +167,7 @@ def run(pid: int, use_gdb: bool, sig: Optional[int], timeout: float, terms: Sequ
         target_mod.check_ptrace(target)
     tracer = None
     if backend != "python":
-        tracer = build.tracer_for(target.version, target.host_path(target.exe), log)
+        tracer = build.tracer_for(target.version, target.host_path(target.interpreter), log)
         version = ".".join(map(str, target.version))
         if tracer is None and backend == "c":
             raise InjectionFailed(
@@ -148,10 +181,12 @@ def run(pid: int, use_gdb: bool, sig: Optional[int], timeout: float, terms: Sequ
     renderers = make_renderers(render_options, out)
     status = Status(sys.stderr.isatty() and out is not sys.stderr)
     started = time.monotonic()
-    session = Session(target.pid, target.uid, target.root, config, tracer, log)
     old_handlers = {s: signal.signal(s, _raise_detach)
                     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    session: Optional[Session] = None
     try:
+        # Created under the handlers: a signal now cannot leave its directory behind.
+        session = Session(target.pid, target.uid, target.root, config, tracer, log)
         deadline = time.monotonic() + timeout
         finish_injection = _inject(target, session, use_gdb, sig, timeout, log)
         try:
@@ -170,20 +205,53 @@ def run(pid: int, use_gdb: bool, sig: Optional[int], timeout: float, terms: Sequ
 
         for s in old_handlers:
             signal.signal(s, detach)
-        for typed, resolved in sorted(ready.get("aliases", {}).items()):
-            _say("module %s resolves to %s in the target; matching %s" % (typed, resolved,
-                                                                            resolved))
-        _say("process %d attached (backend %s, %d threads, %.0f ms)" % (
-            pid, ready.get("backend"), ready.get("threads", 0), (time.monotonic() - started) * 1e3))
-        return _stream(session, renderers, status, max_events, duration, pid, requested)
+        _module_notices(ready, pid)
+        suspended = ready.get("suspended") or []
+        _say("process %d attached (backend %s, %d threads, %.0f ms%s)" % (
+            pid, ready.get("backend"), ready.get("threads", 0), (time.monotonic() - started) * 1e3,
+            "; suspends %s until detach" % ", ".join(map(str, suspended)) if suspended else ""))
+        greenlets = ready.get("greenlets")
+        if isinstance(greenlets, str) and greenlets not in ("", "traced"):
+            _say("notice: " + greenlets)  # never silent: greenlets traced as one thread
+        code = _stream(session, renderers, status, max_events, duration, pid, requested,
+                       ReaderWatch(out.fileno()))
+        if session.bye is not None and not session.bye.get("seen"):
+            _children_notice(pid)
+        return code
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
-        session.close()
+        if session is not None:
+            session.close()
+
+
+def _module_notices(ready: Dict[str, Any], pid: int) -> None:
+    """What the target made of the query's module names: aliases it resolved, and names that
+    match nothing because no such module is loaded (never silent)."""
+    for typed, resolved in sorted(ready.get("aliases", {}).items()):
+        _say("module %s resolves to %s in the target; matching %s" % (typed, resolved, resolved))
+    for name, candidates in sorted(ready.get("missing", {}).items()):
+        text = "module %s is not loaded in process %d: it matches nothing unless it is imported" \
+            % (name, pid)
+        if candidates:
+            text += "; its file is loaded as %s (try %s)" % (
+                ", ".join(candidates), " or ".join("module=%s" % c for c in candidates))
+        _say(text)
+
+
+def _children_notice(pid: int) -> None:
+    """Nothing matched: if the work may be in child processes (a pre-fork server's workers,
+    Django's autoreloader), say where."""
+    children = target_mod.python_children(pid)
+    if children:
+        _say("no event matched in process %d, which has Python child processes: %s; the work "
+             "may be done there (trace one with -p)" % (pid, ", ".join(map(str, children[:10]))
+                                                         + (", ..." if len(children) > 10 else "")))
 
 
 def _stream(session: Session, renderers: List[Any], status: Status, max_events: int,
-            duration: Optional[float], pid: int, requested: List[int]) -> int:
+            duration: Optional[float], pid: int, requested: List[int],
+            reader: Optional[ReaderWatch] = None) -> int:
     """Render until the user, a limit or the target ends the session. Returns the exit code.
 
     Signals arrive in ``requested`` (set by handlers that only record them): an exception raised
@@ -201,6 +269,23 @@ def _stream(session: Session, renderers: List[Any], status: Status, max_events: 
         if stop_deadline is None:
             session.request_stop()
             stop_deadline = time.monotonic() + 5.0
+
+    def reader_left() -> None:
+        # `| head`: the reader is gone. Detach quietly; nothing more can be shown.
+        nonlocal rendering
+        _silence_stdout()
+        rendering = False
+        stop()
+
+    write_error: Optional[OSError] = None
+
+    def write_failed(exc: OSError) -> None:
+        # -o on a full disk, a --perfetto directory removed meanwhile: nothing more can be
+        # written. Detach cleanly, and say why at the end.
+        nonlocal rendering, write_error
+        write_error = write_error or exc
+        rendering = False
+        stop()
 
     # The fast pipeline (fastpath.py): a Batch per RECORDS frame, rendered text written at once.
     sink = fastpath.make_sink(session, renderers)
@@ -246,26 +331,31 @@ def _stream(session: Session, renderers: List[Any], status: Status, max_events: 
                 for r in renderers:
                     r.flush()
             status.update()
+            if rendering and reader is not None and reader.gone():
+                reader_left()
             if end_at is not None and time.monotonic() >= end_at:
                 stop()
             if stop_deadline is not None and time.monotonic() > stop_deadline:
                 break
         except BrokenPipeError:
-            # `| head`: the reader is gone. Detach quietly; nothing more can be shown.
-            _silence_stdout()
-            rendering = False
-            stop()
+            reader_left()
+        except OSError as exc:
+            write_failed(exc)
     status.clear()
     for r in renderers:
         try:
             r.close()
         except BrokenPipeError:
             _silence_stdout()
+        except OSError as exc:
+            write_failed(exc)
     if session.bye is not None or stop_deadline is not None:
         _say("process %d detached" % pid)
         bye = session.bye or {}
         if bye.get("dropped"):
             _say("%d events dropped" % bye["dropped"])
+    if write_error is not None:
+        exit_code = _report(OutputFailed("could not write the output: %s" % write_error))
     return exit_code
 
 
@@ -276,15 +366,72 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-p", "--pid", type=int, required=True, help="The process to trace.")
+def _report(exc: HunterAttachError) -> int:
+    """The one line and the hint of a failure; returns its exit code."""
+    _say(exc.message)
+    if exc.hint:
+        _say("hint: " + exc.hint)
+    return exc.exit_code
+
+
+class _Command(click.Command):
+    """click's own errors (a bad option value, a missing -p) in our format, one line and a
+    hint with exit code 2, as are errors found while checking the options."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.ClickException as exc:
+            code = _report(OptionError(exc.format_message()))
+        except HunterAttachError as exc:  # from an option's check
+            code = _report(exc)
+        except click.Abort:  # Ctrl-C while click parses, should the early handler be gone
+            _say("interrupted before attaching")
+            code = 130
+        sys.exit(code or 0)  # --help and --version return 0
+
+
+def _one_pid(ctx: click.Context, param: click.Parameter, pids: Sequence[int]) -> int:
+    if len(pids) > 1:
+        raise OptionError(
+            "-p was given %d times (%s); hunter-trace traces one process"
+            % (len(pids), ", ".join(map(str, pids))),
+            "Several processes are not supported yet: trace each with its own hunter-trace.")
+    return pids[0]
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: Optional[float]
+             ) -> Optional[float]:
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise click.BadParameter("%s is not a positive number of seconds" % value)
+    return value
+
+
+def _check_perfetto(path: str) -> None:
+    """The Perfetto file is written at detach, next to its final path: find out now whether it
+    can be, rather than lose the whole trace then."""
+    try:
+        fd, tmp = create_temp(path)
+    except OSError as exc:
+        raise OptionError("--perfetto %s: %s" % (path, exc.strerror or exc),
+                          "Give a file in an existing directory that you may write.") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name=PROG, message="%(prog)s %(version)s",
+                      help="Print the version and exit.")
+@click.option("-p", "--pid", type=click.IntRange(min=1), multiple=True, required=True,
+              callback=_one_pid, metavar="PID", help="The process to trace.")
 @click.option("--gdb", "use_gdb", is_flag=True,
               help="Inject with gdb (ptrace). Without it, use the service's manhole socket.")
 @click.option("-s", "--signal", "signal_name", default=None, metavar="SIGNAL",
               help="Manhole mode: send this signal first (e.g. SIGUSR1, USR1 or 10), for a "
                    "service that installed manhole with activate_on=SIGNAL.")
-@click.option("-t", "--timeout", type=float, default=5.0, show_default=True,
-              help="Seconds allowed for attaching.")
+@click.option("-t", "--timeout", type=float, default=5.0, show_default=True, callback=_seconds,
+              metavar="SECONDS", help="Seconds allowed for attaching.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write events to this file instead of stdout.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
@@ -319,19 +466,27 @@ def main(pid: int, use_gdb: bool, signal_name: Optional[str], timeout: float,
     """Trace a running Python process: hunter-style QUERY terms, ANDed, e.g. module=os.path."""
     out: Any = sys.stdout
     try:
+        # From here a Ctrl-C is a KeyboardInterrupt, caught below (the entry point's early
+        # handler just exits, which is right only while nothing has been done).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sig = None
         if signal_name is not None:
             from .inject.manhole import parse_signal
 
             sig = parse_signal(signal_name)
             if use_gdb:
-                raise QueryError("-s SIGNAL is for manhole mode; it cannot be used with --gdb")
+                raise OptionError(
+                    "-s SIGNAL is for manhole mode; it cannot be used with --gdb",
+                    "Drop -s to inject with gdb (no signal is needed), or drop --gdb to wake "
+                    "the service's manhole with the signal.")
+        if perfetto:
+            _check_perfetto(perfetto)
         if output:
             try:
                 fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             except OSError as exc:
-                raise QueryError("-o %s: %s" % (output, exc.strerror),
-                                 "Give a file you may write.") from None
+                raise OptionError("-o %s: %s" % (output, exc.strerror),
+                                  "Give a file you may write.") from None
             out = Output(fd, "utf-8", owned=True)
         else:
             out = Output(sys.stdout.fileno(), sys.stdout.encoding or "utf-8", owned=False)
@@ -340,14 +495,11 @@ def main(pid: int, use_gdb: bool, signal_name: Optional[str], timeout: float,
         quiet = summary and not as_json and not output
         options = RenderOptions(printer=printer, json=as_json, perfetto=perfetto,
                                 summary=summary, color=color, pid_prefix=pid_prefix, quiet=quiet)
-        config = {"repr_limit": repr_limit, "drop": drop}
+        config = {"repr_limit": repr_limit, "drop": drop, "summary": summary}
         code = run(pid, use_gdb, sig, timeout, query, out, options, config, max_events, duration,
                    verbose, backend)
     except HunterAttachError as exc:
-        _say(exc.message)
-        if exc.hint:
-            _say("hint: " + exc.hint)
-        code = exc.exit_code
+        code = _report(exc)
     except (KeyboardInterrupt, Detach):
         _say("interrupted while attaching; nothing was left in process %d" % pid)
         code = 130

@@ -57,6 +57,9 @@ class Event:
     arg: Optional[str]
     seq: int  # position in the stream, counting dropped events
     pid: int
+    # A return that does not match the query, sent only for --summary (protocol.FLAG_HIDDEN):
+    # never shown or counted, and its seq is -1.
+    hidden: bool = False
 
     @property
     def filename(self) -> str:

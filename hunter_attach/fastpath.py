@@ -56,6 +56,8 @@ MODE_NONE, MODE_TEXT, MODE_JSON = 0, 1, 2
 # Templates kept at most; past that the cache starts over (a pathological variety of depths or
 # threads must not grow memory without bound).
 MAX_TEMPLATES = 1 << 16
+# Ended threads whose templates are swept from the cache together (one pass over the cache).
+SWEEP_AFTER = 64
 
 
 class Batch:
@@ -85,7 +87,7 @@ class Sink:
     """Shared by both sinks: which renderer is fast, the others, the counters, emit()."""
 
     def __init__(self, session: Any, renderers: List[Any]) -> None:
-        from .session import Drop
+        from .session import Drop, ThreadEnd
 
         self.session = session
         self.pid: int = session.pid
@@ -97,6 +99,8 @@ class Sink:
         self.mode = (MODE_NONE if self.renderer is None
                      else MODE_JSON if isinstance(self.renderer, JsonRenderer) else MODE_TEXT)
         self.drop_cls = Drop
+        self.end_cls = ThreadEnd
+        self.wants_items = bool(self.slow)
 
     # The sequence number of the next event (Session keeps its ``seq`` in step), and the number
     # of events that may still be rendered (-1: no limit). Events past the limit are decoded
@@ -104,9 +108,23 @@ class Sink:
     seq: int
     limit: int
 
-    def meta(self, rtype: int, body: bytes) -> bool:
-        """A CODE or THREAD record: register it with the session. True when it redefines an id
-        (cached templates may show the old one)."""
+    def meta(self, rtype: int, body: bytes) -> Any:
+        """A record the sink does not decode itself. CODE or THREAD: registered with the
+        session; True when it redefines an id (cached templates may show the old one).
+        THREAD_END (body: the thread id): the session and the stream renderer forget the
+        thread; the ThreadEnd for the other renderers' items, or None. A hidden EVENT (body:
+        its 28 bytes): the Event for the other renderers' items (only asked for when there
+        are such renderers)."""
+        if rtype == _REC_THREAD_END:
+            thread = self.session.forget_thread(_I.unpack(body)[0])
+            if thread is None:
+                return None
+            forget = getattr(self.renderer, "forget_thread", None)
+            if forget is not None:
+                forget(thread, self.pid)
+            return self.end_cls(thread, self.pid) if self.wants_items else None
+        if rtype == _REC_EVENT:
+            return self.session.hidden_event(body)
         return bool(self.session._register(rtype, protocol.decode_json(body)))
 
     def template(self, kind: str, code: CodeInfo, thread: ThreadInfo, lineno: int
@@ -130,11 +148,16 @@ class Sink:
                 write(chunk)
         if batch.items:
             drop_cls = self.drop_cls
+            end_cls = self.end_cls
             for r in self.slow:
                 event = r.event
+                forget = getattr(r, "forget_thread", None)
                 for item in batch.items:
                     if type(item) is drop_cls:
                         r.drop(item.count, item.seq)
+                    elif type(item) is end_cls:
+                        if forget is not None:
+                            forget(item.thread, item.pid)
                     else:
                         event(item)
 
@@ -184,6 +207,7 @@ _II = struct.Struct("<II")
 _KINDS = protocol.KINDS
 _REC_EVENT, _REC_CODE, _REC_THREAD, _REC_DROP = (protocol.REC_EVENT, protocol.REC_CODE,
                                                  protocol.REC_THREAD, protocol.REC_DROP)
+_REC_THREAD_END = protocol.REC_THREAD_END
 _FrameError = protocol.FrameError
 
 
@@ -215,6 +239,19 @@ class PySink(Sink):
         # Formatted call arguments, by their JSON text (the same values recur in loops).
         self._memo: Dict[Tuple[int, str], str] = {}
         self._arg_fmts: Dict[int, Optional[Callable[[Optional[str]], str]]] = {}
+        # Ended threads (their ids as in a key, bytes 4-8) whose templates are still cached.
+        self._ended: set = set()
+
+    def _forget(self, thread_key: bytes) -> None:
+        """An ended thread's templates leave the cache, SWEEP_AFTER threads at a time."""
+        if not self._cache:
+            return
+        self._ended.add(thread_key)
+        if len(self._ended) >= SWEEP_AFTER:
+            ended = self._ended
+            for key in [key for key in self._cache if key[4:8] in ended]:
+                del self._cache[key]
+            ended.clear()
 
     def _arg_formatter(self, mode: int) -> Optional[Callable[[Optional[str]], str]]:
         fmt = self._arg_fmts.get(mode)
@@ -267,6 +304,7 @@ class PySink(Sink):
         append = out.append
         items: Optional[List[Any]] = [] if self.slow else None
         cache = self._cache
+        ended = self._ended
         mode_all = self.mode
         json_mode = mode_all == MODE_JSON
         json_end = self._json_end
@@ -287,6 +325,19 @@ class PySink(Sink):
                     end = pos + 28
                     if end > n:
                         raise _FrameError("truncated event record")
+                    if payload[pos + 2] & 2:  # FLAG_HIDDEN: for the other renderers only
+                        if payload[pos + 2] & 1:
+                            if end + 4 > n:
+                                raise _FrameError("truncated event argument")
+                            end += 4 + unpack_i(payload, end)[0]
+                            if end > n:
+                                raise _FrameError("truncated event argument")
+                        if payload[pos + 1] >= 4:
+                            raise _FrameError("unknown event kind %d" % payload[pos + 1])
+                        if items is not None and limit != 0:
+                            items.append(self.meta(rtype, payload[pos:pos + 28]))
+                        pos = end
+                        continue
                     arg: Optional[str] = None
                     if payload[pos + 2] & 1:
                         if end + 4 > n:
@@ -302,6 +353,9 @@ class PySink(Sink):
                         raise _FrameError("unknown event kind %d" % kind)
                     key = payload[pos:pos + 16]
                     entry = cache.get(key)
+                    if ended and key[4:8] in ended:
+                        # an ended thread, its templates not swept yet: the plain pipeline's error
+                        self._lookup(key, kind, False)
                     if limit == 0:
                         if entry is None:
                             self._lookup(key, kind, False)  # unknown ids are errors all the same
@@ -353,6 +407,14 @@ class PySink(Sink):
                             items.append(self.drop_cls(count, seq))
                     dropped += count
                     seq += count
+                elif rtype == _REC_THREAD_END:
+                    if pos + 5 > n:
+                        raise _FrameError("truncated thread end record")
+                    end_item = self.meta(rtype, payload[pos + 1:pos + 5])
+                    if end_item is not None and items is not None:
+                        items.append(end_item)
+                    self._forget(payload[pos + 1:pos + 5])
+                    pos += 5
                 else:
                     raise _FrameError("unknown record type %d at offset %d" % (rtype, pos))
         except Exception as exc:

@@ -7,6 +7,8 @@ tests/test_filters_vs_hunter.py compares us with it event by event. Deliberate d
 
 - A comparison that raises is False here (e.g. ``threadid_lt=5`` on the main thread, where threadid
   is None, or ``arg_startswith`` on an int). hunter lets the exception stop its tracer.
+- A value the target owns is compared only when it is plain (saferepr.is_plain); anything else is
+  False, and none of its methods runs. hunter calls them, and iterates returned generators.
 - ``stdlib`` is also True for filenames starting with ``<frozen `` (3.11+ freezes os, posixpath,
   codecs...; hunter only lists three frozen importlib names, so os.path.join is not stdlib there).
   Site-packages directories come from ``site`` rather than sysconfig (see
@@ -34,10 +36,13 @@ import re
 import site
 import stat
 import sys
+import types
 from functools import partial
 from os.path import basename, exists, splitext
 from tokenize import TokenError, generate_tokens
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
+
+from .saferepr import is_plain, plain_str, thread_name
 
 Node = Dict[str, Any]
 
@@ -64,6 +69,9 @@ MAIN_THREADID = -1
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_TREE_DEPTH = 100
 _CACHE_LIMIT = 10000  # entries per cache; caches hold code objects, so they must not grow forever
+
+# What a static field holds when the target's value may not be touched: compares False.
+_OPAQUE = object()
 
 TRUE: Node = {"op": "true"}
 FALSE: Node = {"op": "false"}
@@ -132,6 +140,28 @@ def event_stdlib(module: str, filename: str) -> bool:
     return filename.startswith(SYS_PREFIX_PATHS)
 
 
+# The loaders whose get_source linecache may call for a file that is not on disk (zipimport,
+# frozen modules): the standard library's own. Another loader's is the target's code.
+_STDLIB_LOADERS = ("_frozen_importlib", "_frozen_importlib_external", "importlib._bootstrap",
+                   "importlib._bootstrap_external", "zipimport")
+
+
+def loader_globals(module_globals: Any) -> Any:
+    """``module_globals`` for linecache, when the source it would fetch through them comes from
+    a standard-library loader; else None (linecache then reads only the file)."""
+    if type(module_globals) is not dict:
+        return None
+    for key in ("__loader__", "__spec__"):
+        value = module_globals.get(key)
+        if value is None:
+            continue
+        # A loader may be a class (BuiltinImporter, FrozenImporter) or an instance.
+        owner = value if issubclass(type(value), type) else type(value)
+        if owner.__dict__.get("__module__") not in _STDLIB_LOADERS:
+            return None
+    return module_globals
+
+
 def _yield_lines(
     filename: str, module_globals: Any, start: int, collector: Callable[[str], Any], limit: int = 10
 ) -> Iterator[str]:
@@ -156,14 +186,15 @@ def event_fullsource(filename: str, frame: Any, lineno: int, kind: str) -> str:
             lines: List[str] = []
             try:
                 readline = partial(
-                    next, _yield_lines(filename, frame.f_globals, lineno - 1, lines.append)
+                    next, _yield_lines(filename, loader_globals(frame.f_globals), lineno - 1,
+                                 lines.append)
                 )
                 for _, token, _, _, _ in generate_tokens(readline):
                     if token in ("def", "class", "lambda"):
                         return "".join(lines)
             except TokenError:
                 pass
-        return linecache.getline(filename, lineno, frame.f_globals)
+        return linecache.getline(filename, lineno, loader_globals(frame.f_globals))
     except Exception as exc:
         return f"??? NO SOURCE: {exc!r}"
 
@@ -173,7 +204,7 @@ def event_source(filename: str, frame: Any, lineno: int) -> str:
     if filename.endswith((".so", ".pyd")):
         return f"??? NO SOURCE: not reading binary {splitext(basename(filename))[1]} file"
     try:
-        return linecache.getline(filename, lineno, frame.f_globals)
+        return linecache.getline(filename, lineno, loader_globals(frame.f_globals))
     except Exception as exc:
         return f"??? NO SOURCE: {exc!r}"
 
@@ -211,14 +242,42 @@ def current_threadname() -> str:
     ident = _thread.get_ident()
     threading = sys.modules.get("threading")
     thread = threading._active.get(ident) if threading is not None else None  # type: ignore
-    if thread is not None:
-        name = str(thread.name)
+    name = thread_name(thread) if thread is not None else None
+    if name is not None:
         _this_thread.name = name
         return name
     known: Optional[str] = getattr(_this_thread, "name", None)
     if known is not None:
         return known
     return "MainThread" if ident == main_thread_ident() else f"Thread-{ident}"
+
+
+# --- modules, read without asking them anything ---------------------------------------------------
+
+def _module_dict(module: Any) -> Optional[Dict[str, Any]]:
+    """A module's namespace, or None for anything in sys.modules that is not a module (reading
+    attributes of such an object, or of a module subclass, could run its code)."""
+    if type(module) is not types.ModuleType:
+        return None
+    namespace = object.__getattribute__(module, "__dict__")
+    return namespace if type(namespace) is dict else None
+
+
+def _loaded_from_file(name: str) -> List[str]:
+    """The loaded modules whose source file is the one ``name`` would be imported from, under
+    whatever name they were loaded: ``__main__`` for ``python -m http.server``, uWSGI's
+    ``uwsgi_file_app`` for ``--wsgi-file app.py``."""
+    path = name.replace(".", "/")
+    endings = ("/" + path + ".py", "/" + path + "/__init__.py")
+    found = []
+    for loaded, module in list(sys.modules.items()):
+        namespace = _module_dict(module)
+        if namespace is None:
+            continue
+        filename = plain_str(namespace.get("__file__"))
+        if filename is not None and ("/" + filename).endswith(endings):
+            found.append(plain_str(namespace.get("__name__")) or str(loaded))
+    return sorted(set(found))
 
 
 # --- comparisons --------------------------------------------------------------------------------
@@ -233,7 +292,16 @@ def prepare_value(cmp: str, value: Any) -> Any:
 
 
 def compare(cmp: str, evalue: Any, value: Any) -> bool:
-    """hunter's Query.__call__ for one entry; ``value`` as returned by prepare_value()."""
+    """hunter's Query.__call__ for one entry; ``value`` as returned by prepare_value().
+
+    ``evalue`` comes from the target: unless it is plain (saferepr.is_plain), the answer is
+    False without touching it. For ``contains`` on a dict (``locals_contains=name``) only the
+    keys take part, so only they need to be plain."""
+    if cmp == "contains" and type(evalue) is dict:
+        if not is_plain(*evalue):
+            return False
+    elif not is_plain(evalue):
+        return False
     if cmp == "eq":
         return not (evalue != value)
     if cmp == "in":
@@ -558,6 +626,9 @@ class Filter:
         check_tree(tree)
         #: {module name as typed: name its frames report}, e.g. {"os.path": "posixpath"}.
         self.aliases: Dict[str, str] = {}
+        #: {module name as typed: loaded modules whose file has that name} for the names that
+        #: are not in sys.modules, e.g. {"app": ["uwsgi_file_app"]}: nothing matches them yet.
+        self.missing: Dict[str, List[str]] = {}
         self._resolve_modules = resolve_modules
         self.tree = self._prepare(tree)
         self._py_nodes: List[Node] = []
@@ -606,8 +677,12 @@ class Filter:
         # Frames report the module's __name__, which is not always the name it was imported as.
         if not isinstance(name, str):
             return name
-        real = getattr(sys.modules.get(name), "__name__", None)
-        if isinstance(real, str) and real != name:
+        module = _module_dict(sys.modules.get(name))
+        if module is None:
+            self.missing[name] = _loaded_from_file(name)
+            return name
+        real = plain_str(module.get("__name__"))
+        if real is not None and real != name:
             self.aliases[name] = real
             return real
         return name
@@ -625,6 +700,11 @@ class Filter:
     def _statics(self, code: Any, module: Any, module_file: Any = None) -> Dict[str, Any]:
         if module is None:
             module = "?"
+        elif not is_plain(module):
+            # A __name__ the target made of its own objects: hashing it for the cache or
+            # comparing it could run its code. It stands for itself and never matches.
+            module = _OPAQUE
+        module_file = plain_str(module_file)
         key: Optional[Tuple[Any, Any, Any]] = (code, module, module_file)
         try:
             return self._statics_cache[key]

@@ -13,6 +13,13 @@ Records (all little-endian):
   Always precedes the first EVENT that names its id.
 - THREAD ``<B I len>`` + JSON: an interned thread (id, ident, name, main). Precedes its events.
 - DROP   ``<B Q count>``: ``count`` events were dropped here (``--drop`` mode only).
+- THREAD_END ``<B I thread>``: that thread ended. No event names its id again (ids are never
+  reused, even when a new thread gets the ended one's ident), so the CLI forgets it.
+
+An EVENT with ``flags & FLAG_HIDDEN`` does not match the query: it is a return the tracer sends
+only for ``--summary`` (config ``"summary": true``), so that a call's time is measured from its
+real return when the query shows only calls. It has no argument, no sequence number, and is
+never shown, counted or dropped-and-marked; only the summary sees it.
 
 Every event has a sequence number: its position in the stream, counting dropped events, so
 ``seq`` of the next event after a DROP of n jumps by n. The BYE frame carries the agent's total.
@@ -23,6 +30,14 @@ from __future__ import annotations
 import json
 import struct
 from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+# What the tool runs in the target carries these names, so that the agent can keep it out of the
+# stream: the package built from the agent's sources (its modules are PACKAGE.name), the
+# bootstrap template's __name__ (BOOT_MODULE) and the template's first line (BOOT_MARKER), which
+# the injected line that runs it holds among its constants.
+PACKAGE = "_hunter_attach"
+BOOT_MODULE = PACKAGE + "_boot"
+BOOT_MARKER = "# hunter_attach bootstrap"
 
 # Frame types.
 HELLO = 1  # agent -> CLI, JSON: token, pid, python version, soabi
@@ -47,6 +62,9 @@ REC_EVENT = 1
 REC_CODE = 2
 REC_THREAD = 3
 REC_DROP = 4
+REC_THREAD_END = 5
+# Not on the wire: what iter_records() yields for an EVENT with FLAG_HIDDEN.
+REC_HIDDEN = 0x100 | REC_EVENT
 
 EVENT = struct.Struct("<BBHIIIIQ")  # rtype, kind, flags, thread, code, lineno, depth, ts_ns
 assert EVENT.size == 28
@@ -54,12 +72,17 @@ U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 META_HEADER = struct.Struct("<BI")  # rtype, length
 DROP = struct.Struct("<BQ")
+THREAD_END = struct.Struct("<BI")  # rtype, thread id
 FLAG_ARG = 1
+FLAG_HIDDEN = 2
 MAX_META = 4 * 1024 * 1024
 
 # Event kinds, in the order the tracer numbers them.
 CALL, LINE, RETURN, EXCEPTION = 0, 1, 2, 3
 KINDS = ("call", "line", "return", "exception")
+# A bit of the kinds mask decide() gives the tracer, past the four kinds: a return of this code
+# that does not match is sent with FLAG_HIDDEN (the agent sets it for --summary).
+HIDDEN_RETURNS = 4
 
 
 class FrameError(Exception):
@@ -118,7 +141,8 @@ class FrameReader:
 
 def iter_records(data: bytes) -> Iterator[Tuple[int, Any]]:
     """Split a RECORDS payload. Yields (REC_EVENT, (kind, thread, code, lineno, depth, ts_ns, arg)),
-    (REC_CODE, dict), (REC_THREAD, dict) or (REC_DROP, count). Raises FrameError on corruption."""
+    the same with REC_HIDDEN for a hidden event, (REC_CODE, dict), (REC_THREAD, dict),
+    (REC_DROP, count) or (REC_THREAD_END, thread id). Raises FrameError on corruption."""
     pos = 0
     n = len(data)
     unpack_event = EVENT.unpack_from
@@ -141,7 +165,8 @@ def iter_records(data: bytes) -> Iterator[Tuple[int, Any]]:
                 pos += alen
             if kind >= len(KINDS):
                 raise FrameError("unknown event kind %d" % kind)
-            yield REC_EVENT, (kind, thread, code, lineno, depth, ts, arg)
+            yield (REC_HIDDEN if flags & FLAG_HIDDEN else REC_EVENT,
+                   (kind, thread, code, lineno, depth, ts, arg))
         elif rtype in (REC_CODE, REC_THREAD):
             if pos + META_HEADER.size > n:
                 raise FrameError("truncated metadata record")
@@ -157,6 +182,12 @@ def iter_records(data: bytes) -> Iterator[Tuple[int, Any]]:
             _, count = DROP.unpack_from(data, pos)
             pos += DROP.size
             yield REC_DROP, count
+        elif rtype == REC_THREAD_END:
+            if pos + THREAD_END.size > n:
+                raise FrameError("truncated thread end record")
+            _, thread_id = THREAD_END.unpack_from(data, pos)
+            pos += THREAD_END.size
+            yield REC_THREAD_END, thread_id
         else:
             raise FrameError("unknown record type %d at offset %d" % (rtype, pos))
 

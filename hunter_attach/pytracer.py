@@ -81,7 +81,7 @@ that never matches costs two calls per call on 3.8-3.11 and nothing on 3.12+ onc
 
 from __future__ import annotations
 
-import _thread
+import _socket
 import array
 import errno
 import select
@@ -92,8 +92,9 @@ from itertools import chain, repeat, starmap, takewhile, tee
 from operator import methodcaller
 from time import monotonic_ns
 from typing import Any, Callable, Dict, List, Optional, Tuple
+from weakref import ref as _weakref
 
-from . import protocol
+from . import green, protocol
 
 IMPLEMENTATION = "python"
 _MONITORING = sys.version_info >= (3, 12)
@@ -115,12 +116,19 @@ _DROP_SIZE = protocol.DROP.size
 _REC_EVENT = protocol.REC_EVENT
 _REC_DROP = protocol.REC_DROP
 _FLAG_ARG = protocol.FLAG_ARG
+_FLAG_HIDDEN = protocol.FLAG_HIDDEN
+_HIDDEN_RETURNS = 1 << protocol.HIDDEN_RETURNS
 _FRAME_HEADER = protocol.FRAME_HEADER
 _RECORDS = protocol.RECORDS
 _REPR_FAILED = b"<repr failed>"
 _SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
-_get_ident = _thread.get_ident
+# The real primitives even under gevent or eventlet (green.py): OS threads, their idents, locks
+# that hold no hub, sockets and poll that never switch greenlets.
+_get_ident = green.get_ident
+_allocate_lock = green.allocate_lock
+_poll = green.original("select", "poll") or select.poll
 _getframe = sys._getframe
+_GLOBALS = globals()
 
 # ---- session state (the C module's globals) ---------------------------------------------------
 _active = False
@@ -136,7 +144,7 @@ _pypred: Any = None
 # code object alive, so its id is not reused while cached (the C cache holds a reference too).
 _cache: Dict[int, List[Any]] = {}
 _programs: Dict[bytes, Callable[..., bool]] = {}
-_tls = _thread._local()
+_tls = green.local()
 _mode = 0  # settrace backend: 0 settrace, 1 setprofile
 _exclude: Optional[int] = None  # a thread other than install()'s caller to keep out
 
@@ -163,7 +171,7 @@ def _new_state() -> _State:
 # ---- the double buffer ------------------------------------------------------------------------
 # Producers (traced threads) append to _fill under _mu; pump() swaps it with _spare and sends the
 # spare without holding _mu. _thread locks only: this module must not import threading.
-_mu = _thread.allocate_lock()
+_mu = _allocate_lock()
 _data_waiters: List[Any] = []  # pump() waiting for records
 _space_waiters: List[Any] = []  # producers waiting for room (lossless mode)
 _fill: Any = None  # bytearray of _cap bytes, or None without a session
@@ -182,7 +190,7 @@ _block_ns = 0
 
 def _wait(waiters: List[Any], timeout: float) -> None:
     """Condition wait on _mu (held): release it, sleep until notified or timeout, retake it."""
-    w = _thread.allocate_lock()
+    w = _allocate_lock()
     w.acquire()
     waiters.append(w)
     _mu.release()
@@ -252,7 +260,9 @@ def _append_meta(data: bytes) -> None:
 
 
 def _emit(tid: int, kind: int, code_id: int, lineno: int, depth: int,
-          data: Optional[bytes]) -> None:
+          data: Optional[bytes], hidden: bool = False) -> None:
+    """An EVENT record. A hidden one (protocol.py) has no argument and is not counted, not even
+    when it finds no room in drop mode."""
     global _sent, _dropped, _pending_drop, _len
     ts = monotonic_ns() - _t0
     if ts < 0:
@@ -265,7 +275,7 @@ def _emit(tid: int, kind: int, code_id: int, lineno: int, depth: int,
         if _pending_drop or pos + n > _cap:
             pos = _reserve(n)
             if pos < 0:
-                if not _finished:
+                if not _finished and not hidden:
                     _dropped += 1
                     _pending_drop += 1
                 return
@@ -275,8 +285,10 @@ def _emit(tid: int, kind: int, code_id: int, lineno: int, depth: int,
             _len = pos + n
         buf = _fill
         if data is None:
-            _pack_event(buf, pos, _REC_EVENT, kind, 0, tid, code_id, lineno if lineno > 0 else 0,
-                        depth, ts)
+            _pack_event(buf, pos, _REC_EVENT, kind, _FLAG_HIDDEN if hidden else 0, tid, code_id,
+                        lineno if lineno > 0 else 0, depth, ts)
+            if hidden:
+                return
         else:
             _pack_event(buf, pos, _REC_EVENT, kind, _FLAG_ARG, tid, code_id,
                         lineno if lineno > 0 else 0, depth, ts)
@@ -405,7 +417,6 @@ def _lookup(code: Any, frame: Any) -> List[Any]:
     except Exception:
         r = None
     e: List[Any] = [code, 0, 0, None]
-    _cache[id(code)] = e
     if r is not None:
         try:
             if not isinstance(r, tuple) or len(r) not in (4, 5):
@@ -420,8 +431,11 @@ def _lookup(code: Any, frame: Any) -> List[Any]:
             if isinstance(meta, bytes):
                 _append_meta(meta)
         except Exception:
-            pass
-    return e
+            e[1:] = [0, 0, None]
+    # Published only once complete (deciding and _append_meta let other threads run, and a
+    # half-made entry reads as "never matches"); if another thread decided meanwhile, its
+    # entry stands.
+    return _cache.setdefault(id(code), e)
 
 
 def _enter(st: _State) -> bool:
@@ -440,8 +454,12 @@ def _enter(st: _State) -> bool:
         if _mode == 0 and sys.gettrace() is not hunter_attach_tracer:
             st.skip = 2  # a frame we marked in a thread that has another tracer: hands off
             return False
+    if _gl_enabled:
+        _gl_hook_thread()
     try:
-        r = _on_thread()
+        # with greenlets, the agent names the greenlet, not the thread
+        current = _gl_current(_tls.gl) if _gl_enabled else None
+        r = _on_thread(current) if current is not None else _on_thread()
     except Exception:
         return False
     if r is False:
@@ -455,9 +473,179 @@ def _enter(st: _State) -> bool:
     return not st.skip
 
 
+# ---- greenlets as pseudo-threads (the C module's gl_* functions; see _tracer.c) ---------------
+# On every greenlet switch greenlet_switch() saves the thread's _State for the greenlet left
+# and puts back the entered one's, or a fresh one that its next event names through
+# on_thread(greenlet). greenlet's trace function is per OS thread and only the thread itself
+# can set it: the hook goes on at a thread's first event of a session and comes off at that
+# thread's next switch after the session ends.
+_gl_enabled = False
+_gl_functions: Any = None  # greenlet's (getcurrent, settrace, gettrace); kept after a session
+_gl_exclude = 0  # the agent's thread: never hooked
+_gl_every = False  # hook every traced thread (gevent, eventlet loaded)
+_gl_parent: Any = None  # greenlet.greenlet's own "parent" and "dead" descriptors (C getters)
+_gl_dead: Any = None
+# id(greenlet) -> (weak reference, its saved _State): the reference tells a live greenlet from
+# a new one at a dead one's address.
+_gl_states: Dict[int, Tuple[Any, _State]] = {}
+_gl_sweep_at = 64
+
+
+class _GlThread:
+    """This thread's hook: the session it belongs to, the function it replaced, the greenlet
+    running now (weakly)."""
+
+    __slots__ = ("gen", "prev", "hooked", "cur")
+
+    def __init__(self) -> None:
+        self.gen = 0
+        self.prev: Any = None
+        self.hooked = False
+        self.cur: Any = None
+
+
+def _gl_thread() -> _GlThread:
+    try:
+        return _tls.gl  # type: ignore[no-any-return]
+    except AttributeError:
+        gl = _tls.gl = _GlThread()
+        return gl
+
+
+def _gl_current(gl: _GlThread) -> Any:
+    return gl.cur() if gl.cur is not None and gl.gen == _generation else None
+
+
+def _gl_hook_thread() -> None:
+    """A thread's first event of the session: learn which greenlet runs now and put our switch
+    hook on the thread if it runs greenlets (see _tracer.c). Only greenlet's C functions run."""
+    gl = _gl_thread()
+    if gl.gen == _generation:
+        return
+    gl.gen = _generation
+    gl.cur = None
+    if _get_ident() == _gl_exclude:
+        return
+    getcurrent, settrace, gettrace = _gl_functions
+    try:
+        current = getcurrent()
+        main = _gl_parent is None or _gl_parent.__get__(current, type(current)) is None
+        if main and not _gl_every and not gl.hooked:
+            return
+        if not gl.hooked:
+            previous = gettrace()
+            settrace(greenlet_switch)
+            gl.prev = previous
+            gl.hooked = True
+        # else ours is still on from an earlier session, directly or in the chain of a
+        # function put over it: it gets every switch as it is, and gl.prev stays
+        gl.cur = _weakref(current)
+        if not main:
+            # In a greenlet other than the thread's main one at the thread's first event: what
+            # is under the event's frame was on its stack before attach (see _tracer.c).
+            frame: Any = _getframe(1)
+            while frame is not None and frame.f_globals is _GLOBALS:
+                frame = frame.f_back  # our own callers: the monitoring callback
+            _gl_note_stack(frame.f_back if frame is not None else None)
+    except Exception:
+        pass
+
+
+def _gl_note_stack(frame: Any) -> None:
+    """Walk mode: frame and those under it were on the stack before attach."""
+    if _MONITORING and _walk and _preexisting is not None:
+        while frame is not None:
+            _preexisting.add(frame)
+            frame = frame.f_back
+
+
+def _gl_unhook(gl: _GlThread) -> None:
+    """Put the previous function back, unless another one went on over ours (it may call ours
+    as its previous one: then ours keeps passing through to gl.prev)."""
+    try:
+        if _gl_functions[2]() is not greenlet_switch:
+            return
+        _gl_functions[1](gl.prev)
+    except Exception:
+        return
+    gl.prev = gl.cur = None
+    gl.hooked = False
+
+
+def _gl_switched(origin: Any, target: Any) -> None:
+    global _gl_sweep_at
+    try:
+        st = _tls.s
+    except AttributeError:
+        st = None
+    if _gl_dead is not None and _gl_dead.__get__(origin, type(origin)) is True:
+        if st is not None and st.gen == _generation and not st.skip:
+            # its pseudo-thread ended: the CLI forgets it
+            _append_meta(protocol.THREAD_END.pack(protocol.REC_THREAD_END, st.tid))
+    elif st is not None:  # even unnamed: the greenlet has been seen (see the walk-mode note)
+        if len(_gl_states) >= _gl_sweep_at:
+            for key in [k for k, (ref, _) in _gl_states.items() if ref() is None]:
+                del _gl_states[key]
+            _gl_sweep_at = max(64, 2 * len(_gl_states))
+        try:
+            _gl_states[id(origin)] = (_weakref(origin), st)
+        except TypeError:
+            pass
+    gl = _tls.gl
+    gl.cur = _weakref(target)
+    saved = _gl_states.get(id(target))
+    if saved is not None and saved[0]() is target:
+        _tls.s = saved[1]
+        return
+    _tls.s = _State()  # its first event names it
+    # Walk mode, a greenlet entered for the first time this session: what is on its stack was
+    # there before attach (a new greenlet's stack is empty), see _tracer.c.
+    try:
+        _gl_note_stack(_getframe(2))  # under us and greenlet_switch: the entered greenlet's
+    except ValueError:
+        pass
+
+
+def greenlet_switch(event: Any, args: Any) -> None:
+    """greenlet.settrace() callback. A previous function is called after us, as greenlet
+    would have, its errors included."""
+    gl = _gl_thread()
+    prev = gl.prev
+    if not gl.hooked:
+        pass
+    elif not _active or gl.gen != _generation or not _gl_enabled:
+        _gl_unhook(gl)  # this thread's session is over: hand it back
+    elif type(args) is tuple and len(args) == 2:
+        _gl_switched(args[0], args[1])
+    if prev is not None:
+        prev(event, args)
+
+
+def greenlets(getcurrent: Any, settrace: Any = None, gettrace: Any = None,
+              exclude_ident: int = 0, greenlet_type: Any = None, every_thread: Any = False
+              ) -> None:
+    """greenlets(getcurrent, settrace, gettrace, agent_ident, greenlet.greenlet, every_thread)
+    or greenlets(None)."""
+    global _gl_enabled, _gl_functions, _gl_exclude, _gl_parent, _gl_dead, _gl_every
+    if getcurrent is None:
+        _gl_enabled = False
+        return
+    if not (callable(getcurrent) and callable(settrace) and callable(gettrace)):
+        raise TypeError("greenlets(getcurrent, settrace, gettrace, ident)")
+    _gl_functions = (getcurrent, settrace, gettrace)
+    _gl_exclude = exclude_ident
+    _gl_every = bool(every_thread)
+    descriptors = vars(greenlet_type) if isinstance(greenlet_type, type) else {}
+    _gl_parent = descriptors.get("parent")
+    _gl_dead = descriptors.get("dead")
+    _gl_enabled = True
+
+
 def _on_event(st: _State, e: List[Any], frame: Any, kind: int, lineno: int, arg: Any) -> None:
     prog = e[3]
     if prog is not None and not prog(kind, st.depth, lineno, st.calls, st.ident, frame, arg):
+        if kind == K_RETURN and e[2] & _HIDDEN_RETURNS:
+            _emit(st.tid, kind, e[1], lineno, st.depth, None, True)
         return
     if kind == K_LINE or _fmt is None:
         _emit(st.tid, kind, e[1], lineno, st.depth, None)
@@ -1092,6 +1280,8 @@ def configure(decide: Any, on_thread: Any, fmt: Any, pypred: Any, buffer_size: i
     _cache.clear()
     _programs.clear()
     _jump_lines.clear()
+    _gl_states.clear()
+    greenlets(None)
     _decide, _on_thread, _pypred = decide, on_thread, pypred
     _fmt = fmt  # None: no argument text
     with _mu:
@@ -1124,6 +1314,8 @@ def reset() -> None:
     _generation += 1
     _cache.clear()
     _programs.clear()
+    _gl_states.clear()
+    greenlets(None)
     _mon_reset()
     _decide = _on_thread = _fmt = _pypred = None
     with _mu:
@@ -1131,13 +1323,13 @@ def reset() -> None:
         _cap = _len = 0
 
 
-def _send_all(sock: socket.socket, data: Any, timeout_ms: int) -> int:
+def _send_all(sock: Any, data: Any, timeout_ms: int) -> int:
     view = memoryview(data)
     while len(view):
         try:
             w = sock.send(view, _SEND_FLAGS)
         except BlockingIOError:
-            poller = select.poll()
+            poller = _poll()
             poller.register(sock.fileno(), select.POLLOUT)
             if not poller.poll(timeout_ms):
                 return -errno.ETIMEDOUT
@@ -1158,11 +1350,11 @@ def pump(fd: int, idle_ms: int, send_timeout_ms: int) -> int:
     -> 0; the socket failed -> -errno. Blocks in lock waits, send() and poll(), never spins."""
     global _fill, _spare, _len, _dead, _finished
     fd, idle_ms, send_timeout_ms = int(fd), int(idle_ms), int(send_timeout_ms)
-    sock = socket.socket(fileno=fd)  # a view of the agent's socket; detached, never closed
+    sock = _socket.socket(fileno=fd)  # a view of the agent's socket; detached, never closed
     try:
         if sock.gettimeout() is not None:  # socket.setdefaulttimeout() in the target
             sock.settimeout(0.0)
-        readable = select.poll()
+        readable = _poll()
         readable.register(fd, select.POLLIN)
         while True:
             with _mu:
@@ -1215,6 +1407,20 @@ def abandon() -> None:
     """The CLI is gone: producers waiting for room give up."""
     global _dead
     _dead = True
+
+
+def append(data: bytes) -> bool:
+    """A record made by the agent on its own thread (THREAD_END), if there is room now. Never
+    waits: the agent's thread is the one that makes room."""
+    n = len(data)
+    with _mu:
+        if _fill is None or _finished or _len + n + (_DROP_SIZE if _pending_drop else 0) > _cap:
+            return False
+        pos = _reserve(n)
+        if pos < 0:
+            return False
+        _fill[pos:pos + n] = data
+        return True
 
 
 def alive() -> None:

@@ -17,6 +17,7 @@ Expressions are read with :mod:`ast` and converted under a whitelist; nothing is
 from __future__ import annotations
 
 import ast
+import difflib
 import re
 import warnings
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Set
@@ -57,8 +58,16 @@ def _short(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def _fail(term: str, message: str) -> NoReturn:
-    raise QueryError(f"bad query term {_short(term)}: {message}")
+def _fail(term: str, message: str, hint: Optional[str] = None) -> NoReturn:
+    raise QueryError(f"bad query term {_short(term)}: {message}", hint)
+
+
+def _did_you_mean(word: str, known: Sequence[str]) -> Optional[str]:
+    """A hint naming the known word closest to a misspelt one, if any is close."""
+    close = difflib.get_close_matches(word, list(known), n=1)
+    if not close:
+        return None
+    return f"Did you mean {close[0]!r}? See 'Query language' in the README."
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -194,20 +203,24 @@ def _split_key(term: str, key: str) -> tuple[str, str]:
     """(field, canonical operator) for ``key``, split the way hunter does (on '_')."""
     parts = [p for p in key.split("_") if p]
     if not parts or len(parts) > 2:
+        keys = [f"{parts[0]}_{op}" for op in OPERATORS] if parts else []
         _fail(term, "{!r} is not field or field_operator; fields: {}".format(
-            key, ", ".join(filters.FIELDS)))
+            key, ", ".join(filters.FIELDS)), _did_you_mean(key, keys))
     field = parts[0]
     if field not in filters.FIELDS:
         if field in UNSUPPORTED_FIELDS:
             _fail(term, f"hunter-trace cannot filter on {field!r}")
-        _fail(term, "unknown field {!r}; fields: {}".format(field, ", ".join(filters.FIELDS)))
+        _fail(term, "unknown field {!r}; fields: {}".format(field, ", ".join(filters.FIELDS)),
+              _did_you_mean(field, filters.FIELDS))
     if len(parts) == 1:
         return field, "eq"
     op = OPERATORS.get(parts[1])
     if op is None:
         hint = f" (equality has no suffix: {field}=...)" if parts[1] == "eq" else ""
         _fail(term, "unknown operator {!r} in {!r}{}; operators: {}".format(
-            parts[1], key, hint, ", ".join(OPERATORS)))
+            parts[1], key, hint, ", ".join(OPERATORS)),
+            _did_you_mean(key, [f"{field}_{name}" for name in OPERATORS])
+            if parts[1] != "eq" else None)
     return field, op
 
 

@@ -1,8 +1,14 @@
-"""Safe, bounded reprs made inside the target. Shipped into the target: stdlib only, 3.8+.
+"""Safe, bounded reprs and the test that makes comparisons safe, inside the target. Shipped into
+the target: stdlib only, 3.8+.
 
 Only exact builtin types get their real ``repr``; anything else gets ``object.__repr__`` so that
 no user code (``__repr__``, properties, metaclass hooks) runs in the traced process. The rules are
 hunter's ``safe_repr``, so the text matches what hunter users know.
+
+Comparisons follow a stricter rule (:func:`is_plain`): a value the target owns is compared only
+when every part of it is a builtin scalar or a builtin container of them. Comparing anything else
+could call its ``__eq__``, ``__lt__``, ``__contains__``, ``__hash__`` or ``__iter__`` (directly,
+or reflected from ours), or consume a generator.
 """
 
 from __future__ import annotations
@@ -23,6 +29,53 @@ _Pattern = type(re.compile(""))
 # Containers longer than this are shown with their first items and "...": hunter walks them whole,
 # which costs the target O(n) per event for a repr that is cut to repr_limit anyway.
 MAX_ITEMS = 512
+
+
+# Exact types only: a subclass of int or str may override any method. Held as ids, because
+# hashing a type object could run its metaclass's __hash__.
+_PLAIN_SCALARS = frozenset(map(id, (type(None), bool, int, float, complex, str, bytes)))
+_PLAIN_CONTAINERS = frozenset(map(id, (tuple, list, dict, set, frozenset)))
+# Walking a value costs the target O(items) per event: past this many, it is not compared.
+MAX_PLAIN_ITEMS = 10000
+
+
+def is_plain(*roots: Any) -> bool:
+    """Is every part of every root a builtin scalar or a builtin container of them? Decided
+    by exact types alone, without calling a method of any object (iterating an exact list,
+    tuple, dict, set or frozenset runs no user code), within MAX_PLAIN_ITEMS items."""
+    stack = list(roots)
+    budget = MAX_PLAIN_ITEMS
+    while stack:
+        obj = stack.pop()
+        tid = id(type(obj))
+        if tid in _PLAIN_SCALARS:
+            continue
+        if tid not in _PLAIN_CONTAINERS:
+            return False
+        budget -= len(obj)
+        if budget < 0:
+            return False
+        if tid == id(dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        else:
+            stack.extend(obj)
+    return True
+
+
+def plain_str(obj: Any) -> Any:
+    """obj when it is an exact str, else None: for names the target gives us (``__name__``,
+    ``__file__``, a thread's name) that we hash, compare or format."""
+    return obj if type(obj) is str else None
+
+
+def thread_name(thread: Any) -> Any:
+    """A threading.Thread's name as stored, or None: the ``name`` property is not called, as a
+    subclass may override it (or __getattribute__)."""
+    try:
+        return plain_str(object.__getattribute__(thread, "__dict__").get("_name"))
+    except Exception:
+        return None
 
 
 def _items(obj: Any, maxdepth: int) -> str:

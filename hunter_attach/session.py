@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 
 from . import bootstrap, protocol
 from .build import Tracer
-from .errors import AttachTimeout, InjectionFailed, ProtocolError, TargetExited
+from .errors import BUSY_HINT, AttachTimeout, InjectionFailed, ProtocolError, TargetExited
 from .events import CodeInfo, Event, ThreadInfo
 
 if TYPE_CHECKING:
     from .fastpath import Batch, Sink
 
 # Shipped into the target in this order (each imports only those before it).
-AGENT_MODULES = ("protocol", "saferepr", "filters", "agent", "pytracer")
+AGENT_MODULES = ("protocol", "green", "saferepr", "filters", "agent", "pytracer")
 _PKG_DIR = Path(__file__).parent
 
 
@@ -48,6 +48,17 @@ class Drop:
     def __init__(self, count: int, seq: int) -> None:
         self.count = count
         self.seq = seq
+
+
+class ThreadEnd:
+    """The thread ``thread`` (a ThreadInfo) of process ``pid`` ended: renderers may forget it.
+    In a Batch's items after the thread's last event."""
+
+    __slots__ = ("thread", "pid")
+
+    def __init__(self, thread: ThreadInfo, pid: int) -> None:
+        self.thread = thread
+        self.pid = pid
 
 
 # None is a tick: the end of a batch, or a poll interval without data. The CLI flushes its
@@ -270,8 +281,9 @@ class Session:
         self.conn.sendall(protocol.encode_json(protocol.LOAD, load))
         ftype, payload = self._next_control(deadline)
         if ftype == protocol.ERROR:
-            raise InjectionFailed("the agent failed to start: %s"
-                                  % protocol.decode_json(payload).get("message", "?"))
+            message = str(protocol.decode_json(payload).get("message", "?"))
+            raise InjectionFailed("the agent failed to start: %s" % message,
+                                  BUSY_HINT if "already tracing" in message else None)
         if ftype != protocol.READY:
             raise ProtocolError("expected READY, got frame type %d" % ftype)
         self.ready = protocol.decode_json(payload)
@@ -385,7 +397,22 @@ class Session:
         self.threads[thread.id] = thread
         return known
 
+    def forget_thread(self, thread_id: int) -> Optional[ThreadInfo]:
+        """A THREAD_END record: the thread is forgotten (its id is never used again). Returns
+        it, or None when it was not known (an ended thread can be reported twice)."""
+        return self.threads.pop(thread_id, None)
+
+    def hidden_event(self, rec: bytes) -> Event:
+        """An EVENT record with FLAG_HIDDEN (28 bytes): only the summary sees it. It has no
+        sequence number (-1)."""
+        _, kind, _, thread, code, lineno, depth, ts = protocol.EVENT.unpack_from(rec)
+        return Event(protocol.KINDS[kind], self.codes[code], self.threads[thread], lineno, depth,
+                     ts / 1e9, None, -1, self.pid, True)
+
     def _decode(self, payload: bytes) -> Iterator[Item]:
+        # The plain pipeline (HUNTER_ATTACH_FASTPATH=0, for debugging) has no place for hidden
+        # events and thread ends in the CLI's loop: it skips the first and only forgets the
+        # thread here. The sinks (fastpath.py) hand both to the renderers.
         kinds = protocol.KINDS
         codes = self.codes
         threads = self.threads
@@ -401,6 +428,8 @@ class Session:
             elif rtype == protocol.REC_DROP:
                 yield Drop(int(rec), self.seq)
                 self.seq += int(rec)
+            elif rtype == protocol.REC_THREAD_END:
+                self.forget_thread(rec)
 
     def _send_control(self, ftype: int) -> bool:
         """A 5-byte control frame, without blocking: it is called from a signal handler and
@@ -431,6 +460,9 @@ class Session:
             time.sleep(0.01)
 
     def close(self) -> None:
+        if not self._closed.is_set():
+            self.log("at the end: %d threads and %d code objects known" % (len(self.threads),
+                                                                            len(self.codes)))
         self._closed.set()
         with self._send_lock:
             for sock in (self.conn, self.listener):

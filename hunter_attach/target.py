@@ -17,17 +17,22 @@ import re
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, final
 
 import psutil  # type: ignore[import-untyped, unused-ignore]
 
-from .errors import PermissionDenied, TargetError, TargetExited, ToolMissing
+from .errors import (
+    PID_HINT,
+    VERSION_HINT,
+    PermissionDenied,
+    TargetError,
+    TargetExited,
+    ToolMissing,
+)
 
 SUPPORTED_VERSIONS = ((3, 8), (3, 13))
-VERSION_HINT = "hunter-trace traces CPython 3.8–3.13."
-PID_HINT = "Find the pid of a Python process with `pgrep -af python` or `ps aux`."
 CONTAINER_HINT = (
     "In a container, ptrace needs CAP_SYS_PTRACE: docker run --cap-add=SYS_PTRACE "
     "(add --security-opt seccomp=unconfined on kernels before 4.8), or in Kubernetes "
@@ -100,6 +105,15 @@ class Target:
     def version_text(self) -> str:
         return ".".join(map(str, self.version))
 
+    @property
+    def interpreter(self) -> str:
+        """The program to ask for the target's headers and extension ABI (build.tracer_for): its
+        own executable, or, for an interpreter embedded in another program (uwsgi), which cannot
+        run `-c`, the pythonX.Y installed beside the libpython it maps, when there is one."""
+        if not self.embedded or self.libpython is None:
+            return self.exe
+        return _python_beside(self.libpython, self.version, self.host_path) or self.exe
+
 
 # ------------------------------------------------------------------------------------------------
 # Small /proc and credential helpers
@@ -112,6 +126,34 @@ def _read_status(pid: int | str) -> dict[str, str]:
             key, _, value = line.partition(":")
             fields[key] = value.strip()
         return fields
+
+
+def signal_dispositions(pid: int) -> tuple[int, int]:
+    """(caught, ignored): bit masks of the signals that process catches with a handler and
+    that it ignores, as the kernel reports them (SigCgt, SigIgn; bit N-1 is signal N).
+    Raises OSError when the process is gone."""
+    status = _read_status(pid)
+    return int(status.get("SigCgt", "0"), 16), int(status.get("SigIgn", "0"), 16)
+
+
+def python_children(pid: int) -> list[int]:
+    """The descendants of ``pid`` that run a CPython (an executable named python*, or one that
+    maps a libpython: uWSGI, say), oldest first. Empty when they cannot be read."""
+    found = []
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for child in children:
+        try:
+            name = os.path.basename(os.readlink(f"/proc/{child.pid}/exe"))
+            if name.startswith("python") or any(
+                    os.path.basename(m.path).startswith("libpython")
+                    for m in _mapped_files(child.pid)):
+                found.append(child.pid)
+        except OSError:
+            continue  # gone, or not ours to read
+    return sorted(found)
 
 
 def _effective_caps() -> int:
@@ -456,6 +498,24 @@ def _run_for_version(target_root: str, exe: str) -> tuple[int, int, int] | None:
         return None
     m = re.fullmatch(rb"(\d+)\.(\d+)\.(\d+)\s*", out)
     return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def _python_beside(libpython: str, version: tuple[int, int, int],
+                   host_path: Callable[[str], str]) -> str | None:
+    """<prefix>/bin/pythonX.Y for <prefix>/lib/libpythonX.Y.so (or <prefix>/lib/<multiarch>/),
+    as the target sees it; only one that root or we own and nobody else may write, as it will
+    be run (see _run_for_version)."""
+    libdir = os.path.dirname(libpython)
+    name = "python%d.%d" % version[:2]
+    for prefix in (os.path.dirname(libdir), os.path.dirname(os.path.dirname(libdir))):
+        candidate = os.path.join(prefix, "bin", name)
+        try:
+            st = os.stat(host_path(candidate))
+        except OSError:
+            continue
+        if st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022 and st.st_mode & 0o111:
+            return candidate
+    return None
 
 
 def _open_elf(*paths: str) -> _Elf | None:
@@ -815,9 +875,7 @@ def check_ptrace(target: Target) -> None:
         if refusal is None:
             refusal = ptrace_refusal(facts, probe_ok=_probe_mem(target.pid))
     except (FileNotFoundError, ProcessLookupError):
-        raise TargetExited(
-            f"process {target.pid} exited before gdb could attach", hint=""
-        ) from None
+        raise TargetExited(f"process {target.pid} exited before gdb could attach") from None
     if refusal is not None:
         raise refusal
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import os
@@ -18,6 +19,28 @@ import manhole
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SERVICE = os.path.join(HERE, "apps", "service.py")
+
+# Every directory the tests make in /tmp or /var/tmp is named ha-test-<pid of the test run>-...:
+# the leftover check in conftest.py tells this run's from those of a run going on at the same time.
+SCRATCH_PREFIX = "ha-test-%d-" % os.getpid()
+_scratch: List[str] = []
+
+
+def scratch_dir(kind: str, parent: Optional[str] = None) -> str:
+    """A new directory, removed by remove_scratch() (at the end of the test session, or at exit)
+    unless the caller removes it first."""
+    path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX + kind + "-", dir=parent)
+    _scratch.append(path)
+    return path
+
+
+def remove_scratch() -> None:
+    """Remove every directory scratch_dir() made."""
+    while _scratch:
+        shutil.rmtree(_scratch.pop(), ignore_errors=True)
+
+
+atexit.register(remove_scratch)
 
 
 def interpreters() -> Dict[str, str]:
@@ -46,7 +69,7 @@ def manhole_path() -> str:
     """A directory holding only the manhole package, for targets on other interpreters."""
     global _manhole_dir
     if _manhole_dir is None:
-        _manhole_dir = tempfile.mkdtemp(prefix="ha-test-manhole-")
+        _manhole_dir = scratch_dir("manhole")
         shutil.copytree(os.path.dirname(manhole.__file__),
                         os.path.join(_manhole_dir, "manhole"))
     return _manhole_dir
@@ -56,8 +79,8 @@ class Target:
     """A running tests/apps/service.py."""
 
     def __init__(self, python: str = sys.executable, *args: str, isolated: bool = False,
-                 env: Optional[Dict[str, str]] = None) -> None:
-        cmd = [python] + (["-I"] if isolated else []) + [SERVICE] + list(args)
+                 env: Optional[Dict[str, str]] = None, script: str = SERVICE) -> None:
+        cmd = [python] + (["-I"] if isolated else []) + [script] + list(args)
         full_env = dict(os.environ)
         full_env.pop("PYTHONPATH", None)
         if "--manhole" in args:
@@ -157,7 +180,7 @@ def json_events(stdout: str) -> List[Dict[str, Any]]:
 
 # The CLIs run by the tests keep their session directories here (TMPDIR), so that what a test
 # leaves behind is not confused with another test run's on the same machine.
-CLI_TMP = tempfile.mkdtemp(prefix="ha-test-tmp-")
+CLI_TMP = scratch_dir("tmp")
 
 
 def tmp_leftovers() -> List[str]:

@@ -14,6 +14,7 @@ from support import (
     interpreters,
     json_events,
     newest,
+    scratch_dir,
     stop,
     tmp_leftovers,
     wait_for_line,
@@ -112,11 +113,10 @@ def test_gdb_target_in_another_mount_namespace() -> None:
     /proc/PID/root; the agent, the tracer and the helper go there, and nothing stays."""
     import shutil
     import subprocess
-    import tempfile
 
     python = PYTHONS[newest(PYTHONS)]
     # The new /tmp hides everything under /tmp, possibly this checkout: run a copy of the app.
-    apps = tempfile.mkdtemp(prefix="ha-test-apps-", dir="/var/tmp")
+    apps = scratch_dir("apps", "/var/tmp")
     shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps"),
                     os.path.join(apps, "apps"))
     script = "mount -t tmpfs tmpfs /tmp && exec %s %s" % (

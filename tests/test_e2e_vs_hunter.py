@@ -10,11 +10,10 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 
 import hunter
 import pytest
-from support import HERE, Target, cli_popen, interpreters, json_events
+from support import HERE, Target, cli_popen, interpreters, json_events, scratch_dir
 
 PYTHONS = interpreters()
 QUERIES = [
@@ -54,7 +53,7 @@ print(json.dumps(events))
 @pytest.fixture(scope="module")
 def hunter_path() -> str:
     """hunter's pure-Python package alone, for interpreters other than the venv's."""
-    path = tempfile.mkdtemp(prefix="ha-test-hunter-")
+    path = scratch_dir("hunter")
     shutil.copytree(os.path.dirname(hunter.__file__), os.path.join(path, "hunter"))
     yield path
     shutil.rmtree(path)

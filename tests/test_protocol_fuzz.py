@@ -224,7 +224,7 @@ def feed_all(reader: protocol.FrameReader, chunks: List[bytes],
 
 
 def check_record(rtype: int, rec: Any) -> None:
-    if rtype == protocol.REC_EVENT:
+    if rtype in (protocol.REC_EVENT, protocol.REC_HIDDEN):
         kind, thread, code, lineno, depth, ts, arg = rec
         assert 0 <= kind < len(protocol.KINDS)
         for v in (thread, code, lineno, depth):
@@ -235,6 +235,8 @@ def check_record(rtype: int, rec: Any) -> None:
         assert isinstance(rec, dict)
     elif rtype == protocol.REC_DROP:
         assert isinstance(rec, int) and 0 <= rec < 2**64
+    elif rtype == protocol.REC_THREAD_END:
+        assert isinstance(rec, int) and 0 <= rec < 2**32
     else:
         raise AssertionError(f"unknown record type {rtype!r}")
 
@@ -614,3 +616,29 @@ def test_struct_sizes() -> None:
     assert protocol.EVENT.size == 28
     assert protocol.DROP.size == 9 == struct.calcsize("<BQ")
     assert protocol.META_HEADER.size == 5 == HDR
+
+
+def test_c_sources_use_the_protocol_constants() -> None:
+    """Record types and flags are mirrored in _tracer.c and _speedups.c: they must agree."""
+    import re
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "hunter_attach")
+
+    def defines(name: str) -> Dict[str, int]:
+        with open(os.path.join(src, name)) as f:
+            text = f.read()
+        found = {m[0]: int(m[1]) for m in re.findall(r"#define (\w+) (\d+)\b", text)}
+        for body in re.findall(r"enum \{([^}]*)\}", text):
+            found.update({m[0]: int(m[1]) for m in re.findall(r"(\w+) = (\d+)", body)})
+        return found
+
+    tracer, speedups = defines("_tracer.c"), defines("_speedups.c")
+    for name in ("REC_EVENT", "REC_CODE", "REC_THREAD", "REC_DROP", "REC_THREAD_END",
+                 "FLAG_ARG", "FLAG_HIDDEN"):
+        assert speedups[name] == getattr(protocol, name), name
+    for name in ("REC_EVENT", "REC_DROP", "FLAG_ARG", "FLAG_HIDDEN"):
+        assert tracer[name] == getattr(protocol, name), name
+    assert tracer["K_HIDDEN_RETURNS"] == protocol.HIDDEN_RETURNS
+    assert (tracer["K_CALL"], tracer["K_LINE"], tracer["K_RETURN"], tracer["K_EXCEPTION"]) == (
+        protocol.CALL, protocol.LINE, protocol.RETURN, protocol.EXCEPTION)

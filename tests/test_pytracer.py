@@ -171,7 +171,7 @@ pkg = types.ModuleType('_hunter_attach')
 pkg.__path__ = []
 pkg.__package__ = '_hunter_attach'
 sys.modules['_hunter_attach'] = pkg
-for name in ('protocol', 'saferepr', 'filters', 'agent', 'pytracer'):
+for name in ('protocol', 'green', 'saferepr', 'filters', 'agent', 'pytracer'):
     with open(os.path.join(root, 'hunter_attach', name + '.py')) as f:
         source = f.read()
     mod = types.ModuleType('_hunter_attach.' + name)
@@ -276,6 +276,8 @@ class Run:
                 self.threads[rec["id"]] = rec
             elif rtype == protocol.REC_DROP:
                 self.drops += rec
+            elif rtype != protocol.REC_EVENT:
+                continue  # THREAD_END: when the agent notices differs from run to run
             else:
                 kind, thread, code, lineno, depth, _, arg = rec
                 if code not in self.codes or thread not in self.threads:

@@ -1,11 +1,11 @@
 """The C tracer's own test suite, run inside one target interpreter (CPython 3.8+, stdlib only).
 
     python tracer_harness.py TRACER_SO PACKAGE_DIR [--only NAME,...] [--skip NAME,...]
-                             [--modules protocol,saferepr,filters,agent]
+                             [--modules protocol,green,saferepr,filters,agent]
     python tracer_harness.py --list
 
 It builds the package ``_hunter_attach`` from PACKAGE_DIR's sources the way bootstrap.py does
-(``--modules``, in that order; default protocol, saferepr, filters, agent, as
+(``--modules``, in that order; default protocol, green, saferepr, filters, agent, as
 session.AGENT_MODULES), loads the compiled tracer TRACER_SO as ``_hunter_attach._tracer``, and
 runs real sessions: ``agent.serve`` on one end of a socketpair in a ``_thread`` thread, this
 script playing the CLI on the other end, while a workload runs.
@@ -40,7 +40,7 @@ import traceback
 import types
 
 PACKAGE = "_hunter_attach"
-MODULES = ("protocol", "saferepr", "filters", "agent")
+MODULES = ("protocol", "green", "saferepr", "filters", "agent")
 WORKLOAD_MODULE = "ha_workload"
 MARKER = "<hunter-attach tracer>"
 TEST_TIMEOUT = float(os.environ.get("HA_HARNESS_TEST_TIMEOUT", "30"))
@@ -214,6 +214,8 @@ class Trace:
         self.threads = {}
         self.events = []  # dicts
         self.drops = []  # (count, number of events before it)
+        self.ended = set()  # ids of THREAD_END records
+        self.hidden = []  # hidden events (--summary's returns), as iter_records gives them
         self.bye = None
         self.error = None
         self.payloads = []
@@ -229,6 +231,8 @@ class Trace:
                     self.problems.append("event before its CODE record: %r" % (rec,))
                 if thread not in self.threads:
                     self.problems.append("event before its THREAD record: %r" % (rec,))
+                if thread in self.ended:
+                    self.problems.append("event after its THREAD_END record: %r" % (rec,))
                 info = self.codes.get(code, {})
                 self.events.append({
                     "kind": protocol.KINDS[kind], "thread": thread, "code": code,
@@ -242,6 +246,12 @@ class Trace:
                 if rec["id"] in self.threads:
                     self.problems.append("thread id %d sent twice" % rec["id"])
                 self.threads[rec["id"]] = rec
+            elif rtype == protocol.REC_THREAD_END:
+                if rec not in self.threads:
+                    self.problems.append("THREAD_END of unknown thread %d" % rec)
+                self.ended.add(rec)
+            elif rtype == protocol.REC_HIDDEN:
+                self.hidden.append(rec)
             else:
                 self.drops.append((rec, len(self.events)))
 

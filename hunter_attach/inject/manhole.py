@@ -14,7 +14,16 @@ import socket
 import time
 from typing import Callable, Optional
 
-from ..errors import AttachTimeout, PermissionDenied, QueryError, TargetExited, ToolMissing
+from ..errors import (
+    AttachTimeout,
+    InjectionFailed,
+    OptionError,
+    PermissionDenied,
+    QueryError,
+    TargetExited,
+    ToolMissing,
+)
+from ..target import signal_dispositions
 
 
 def parse_signal(text: str) -> int:
@@ -35,6 +44,60 @@ def parse_signal(text: str) -> int:
                      "Use a name such as SIGUSR1 or USR1, or a number such as 10.")
 
 
+# Never sent, whatever the target does with them: they cannot be caught or they stop the process
+# (the first five), or, when a service catches them, its handler means something else than
+# "wake the manhole": stop, reload, reap a child, report a fault, a timer.
+_REFUSED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU,
+            signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT,
+            signal.SIGALRM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGSEGV, signal.SIGBUS,
+            signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS, signal.SIGXCPU,
+            signal.SIGXFSZ}
+
+
+def check_signal(pid: int, sig: int) -> None:
+    """Refuse (exit 2, nothing sent) a signal that would do the target harm: one that cannot be
+    caught or stops it, or one it does not catch, whose default action may well end it. A
+    signal it ignores would do nothing, so waiting for a manhole to wake would be pointless."""
+    name = _signal_name(sig)
+    if sig in _REFUSED:
+        raise OptionError("-s %s: this signal stops, ends or reloads processes; it is never sent"
+                          % name,
+                          "Use the signal the service gave manhole.install(activate_on=...), "
+                          "usually USR1 or USR2.")
+    try:
+        caught, ignored = signal_dispositions(pid)
+    except OSError:
+        raise TargetExited("process %d does not exist" % pid) from None
+    bit = 1 << (sig - 1)
+    if ignored & bit:
+        raise OptionError("-s %s: process %d ignores this signal, so it cannot wake a manhole"
+                          % (name, pid),
+                          "Use the signal the service gave manhole.install(activate_on=...).")
+    if not caught & bit:
+        raise OptionError("-s %s: process %d does not catch this signal: it cannot wake a "
+                          "manhole, and it may end the process" % (name, pid),
+                          "Check the service's manhole.install(activate_on=...), or use --gdb.")
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
+def _connect(path: str) -> Optional[socket.socket]:
+    """A connection to a manhole socket that accepts at once, or None."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(1.0)
+        sock.connect(path)
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
 def socket_path(pid: int, root: str = "/") -> str:
     return os.path.join(root, "tmp", "manhole-%d" % pid)
 
@@ -45,6 +108,14 @@ def inject(pid: int, code: str, *, sig: Optional[int], timeout: float, root: str
     which the caller closes once the agent has connected back (closing earlier can make the
     ``repl`` handler stop before it has run our line)."""
     path = socket_path(pid, root)
+    if sig is not None:
+        check_signal(pid, sig)
+    # A manhole that is already awake is not signalled again: manhole 1.8 would try to start
+    # its thread a second time and raise in the target's main thread.
+    sock = _connect(path) if sig is not None else None
+    if sock is not None:
+        log("the manhole at %s is already awake: no signal sent" % path)
+        return _send_line(sock, code, path, log)
     if sig is not None:
         try:
             os.kill(pid, sig)
@@ -85,9 +156,22 @@ def inject(pid: int, code: str, *, sig: Optional[int], timeout: float, root: str
         except OSError as exc:
             sock.close()
             raise ToolMissing("cannot connect to %s: %s" % (path, exc)) from None
+    return _send_line(sock, code, path, log)
+
+
+def _send_line(sock: socket.socket, code: str, path: str,
+               log: Callable[[str], None]) -> socket.socket:
     log("connected to %s" % path)
-    sock.sendall(code.encode() + b"\n")
-    sock.shutdown(socket.SHUT_WR)
+    try:
+        sock.settimeout(5.0)
+        sock.sendall(code.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        sock.close()
+        raise InjectionFailed("the manhole at %s closed the connection (%s)"
+                              % (path, exc.strerror or exc),
+                              "Another client may be connected to it, or the service is "
+                              "exiting; try again, or use --gdb.") from None
     return sock
 
 

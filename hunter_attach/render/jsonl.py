@@ -84,6 +84,10 @@ _str = encode_basestring_ascii
 _KIND_HEAD = {kind: f'{{"kind":"{kind}",' for kind in ("call", "line", "return", "exception")}
 
 
+# Thread fragments kept at most, for when thread ends are not reported.
+MAX_THREADS = 4096
+
+
 class JsonRenderer(StreamRenderer):
     """Writes :data:`EVENT_SCHEMA` lines. The per-code and per-thread parts of a line are
     serialized once and concatenated, which is several times faster than ``json.dumps`` of a
@@ -110,11 +114,19 @@ class JsonRenderer(StreamRenderer):
                 f'"lineno":{lineno:d},"source":{_dumps(source)},"depth":')
         return frag
 
+    def forget_thread(self, thread: ThreadInfo, pid: int) -> None:
+        """The thread ended: its fragment is not needed again."""
+        entry = self._threads.get(id(thread))
+        if entry is not None and entry[0] is thread:
+            del self._threads[id(thread)]
+
     def _thread(self, thread: ThreadInfo) -> str:
         entry = self._threads.get(id(thread))
         if entry is None or entry[0] is not thread or entry[1] is not thread.name:
             threadid = "null" if thread.main else str(int(thread.ident))
             frag = f',"threadid":{threadid},"threadname":{_dumps(thread.name)},"arg":'
+            if len(self._threads) >= MAX_THREADS:  # ends not reported (plain pipeline)
+                self._threads.clear()
             entry = self._threads[id(thread)] = (thread, thread.name, frag)
         return entry[2]
 

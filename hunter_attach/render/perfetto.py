@@ -158,7 +158,7 @@ class PerfettoRenderer(CallStacks):
             return
         self._closed = True
         self.finish()
-        fd, tmp = _create_temp(self.path)
+        fd, tmp = create_temp(self.path)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write('{"displayTimeUnit":"ms","otherData":{"tool":"hunter-trace"},'
@@ -174,7 +174,7 @@ class PerfettoRenderer(CallStacks):
             raise
 
 
-def _create_temp(path: str) -> Tuple[int, str]:
+def create_temp(path: str) -> Tuple[int, str]:
     """A new file next to ``path``. Not tempfile.mkstemp: that makes it 0600, and the trace
     should get the permissions any file the user writes gets (0666 minus the umask)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)

@@ -6,15 +6,18 @@ recursion is not counted twice), the own time (total minus the time spent in tra
 per activation) and the average total time per call. Sorted by total time, descending; the
 total line sums calls and own time (the time covered by the traced calls).
 
-A resumed generator is a new call, as in hunter's events. Calls still open at close end at the
-last timestamp seen. The call/return matching is :class:`CallStacks`, shared with perfetto.py.
+A resumed generator is a new call, as in hunter's events. Calls still open at close, or when
+their thread ends, end at the last timestamp seen. With ``--summary`` the agent also sends the
+returns the query does not show (hidden events, protocol.FLAG_HIDDEN), so that a call ends at
+its real return even for ``kind=call``. The call/return matching is :class:`CallStacks`,
+shared with perfetto.py (whose slices then end at those returns too).
 """
 
 from __future__ import annotations
 
 from typing import Dict, List, Optional, TextIO, Tuple
 
-from ..events import CodeInfo, Event
+from ..events import CodeInfo, Event, ThreadInfo
 
 # (pid, ThreadInfo.id): the agent's id of a thread, unlike its ident, is not reused when the
 # thread ends and another starts.
@@ -44,7 +47,8 @@ class CallStacks:
       seen; they end now, which is an upper bound);
     - a return ends the innermost open call of the same code, and the calls above it;
     - a return with no open call of its code (it began before the attach, or its call was
-      filtered out) is ignored.
+      filtered out) is ignored; so is a hidden return (``--summary``'s, see protocol.py) with
+      no open call of its code at its depth.
 
     Subclasses override :meth:`started` and :meth:`ended`.
     """
@@ -90,12 +94,29 @@ class CallStacks:
                 return
             code = ev.code
             i = len(stack) - 1
+            if ev.hidden:
+                # A hidden return ends only its own call, which was shown if it is open at the
+                # same depth; else it is the return of a call the query did not show (a deeper
+                # activation of a recursive function, say), which must not end anything.
+                depth = ev.depth
+                while i >= 0 and stack[i].depth > depth:
+                    i -= 1
+                if i < 0 or stack[i].depth != depth or stack[i].code is not code:
+                    return
             while i >= 0 and stack[i].code is not code:
                 i -= 1
             if i < 0:
                 return
             while len(stack) > i:
                 self._pop(tkey, stack, ts)
+
+    def forget_thread(self, thread: ThreadInfo, pid: int) -> None:
+        """The thread ended (a THREAD_END record): its open calls end now, its stack goes."""
+        tkey = (pid, thread.id)
+        stack = self.stacks.pop(tkey, None)
+        end = self.last_ts if self.last_ts is not None else 0.0
+        while stack:
+            self._pop(tkey, stack, end)
 
     def finish(self) -> None:
         """End every open call at the last timestamp seen."""

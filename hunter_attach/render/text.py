@@ -147,8 +147,10 @@ class _TextRenderer(StreamRenderer):
             if len(self._pids) > 1 and not self._show_pid:
                 self._show_pid = True
                 self.generation += 1
+        # Only needed until the column is on (then the set stops growing): see whether a
+        # second thread shows up.
         idents = self._threads.setdefault(pid, set())
-        if thread.ident not in idents:
+        if not self._show_threads and thread.ident not in idents:
             idents.add(thread.ident)
             if len(idents) > 1 and not self._show_threads:
                 self._show_threads = True
