@@ -1523,9 +1523,27 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_tracer", NULL, -1, methods};
 
+/* In a forked child only the forking thread exists: a mutex another thread held at the fork
+ * stays locked for ever, a condition variable keeps waiters that are not there (glibc then
+ * fails to wake new ones), and a frame the parent's pump was sending is not ours to finish.
+ * Start them afresh, before any Python runs in the child (the agent's fork hook, which resets
+ * the session, comes later and takes B.mu). */
+static void after_fork_in_child(void) {
+    pthread_mutex_init(&B.mu, NULL);
+    pthread_cond_init(&B.data, NULL);
+    pthread_cond_init(&B.space, NULL);
+    sending.hdr_off = 5;
+    sending.data = NULL;
+    sending.len = 0;
+}
+
 PyMODINIT_FUNC PyInit__tracer(void) {
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
+    if (pthread_atfork(NULL, NULL, after_fork_in_child) != 0) {
+        Py_DECREF(m);
+        return PyErr_Format(PyExc_OSError, "pthread_atfork failed");
+    }
     str_f_trace_lines = PyUnicode_InternFromString("f_trace_lines");
     marker = PyUnicode_InternFromString("<hunter-attach tracer>");
     gl_switch_fn = PyObject_GetAttrString(m, "greenlet_switch");

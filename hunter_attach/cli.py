@@ -351,6 +351,11 @@ def _stream(session: Session, renderers: List[Any], status: Status, max_events: 
             write_failed(exc)
     if session.bye is not None or stop_deadline is not None:
         _say("process %d detached" % pid)
+        if session.bye is None:
+            # Never silent: the agent will remove its tracer once it sees us gone, but it did
+            # not say it had.
+            _say("warning: the agent did not confirm the detach; it removes its tracer when it "
+                 "sees this CLI gone")
         bye = session.bye or {}
         if bye.get("dropped"):
             _say("%d events dropped" % bye["dropped"])

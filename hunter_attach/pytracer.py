@@ -84,6 +84,7 @@ from __future__ import annotations
 import _socket
 import array
 import errno
+import os
 import select
 import socket
 import sys
@@ -186,6 +187,20 @@ _sent = 0  # seen = sent + dropped, as in C where both count every event that ge
 _dropped = 0
 _pending_drop = 0
 _block_ns = 0
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child only the forking thread exists: _mu, if another thread held it at the
+    fork, would stay held for ever, and the waiters are not there. (The agent's own fork hook,
+    registered later, runs after this one and resets the session.)"""
+    global _mu
+    _mu = _allocate_lock()
+    del _data_waiters[:]
+    del _space_waiters[:]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _wait(waiters: List[Any], timeout: float) -> None:

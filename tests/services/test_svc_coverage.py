@@ -17,6 +17,7 @@ from harness import (
     free_port,
     http_get,
     interpreter_name,
+    trace,
     venv_python,
 )
 
@@ -52,6 +53,12 @@ def test_coverage_run(version: str, core: str, tmp_path) -> None:  # type: ignor
         cycles(result, svc.pid, ["module=__main__", "kind=call"], "work_view",
                lambda: HttpTraffic(base), lambda: dict(json.loads(http_get(base + "/probe"))),
                module="__main__")
+        # A query with line events takes sys.settrace on 3.10: the attach line says whose
+        # tracer it sets aside until the detach (sysmon is a tool of its own: nothing is).
+        run = trace(svc.pid, ["module=__main__"], bounds=("-d", "0.3"))
+        assert run.returncode == 0, run.stderr
+        assert ("suspends coverage.CTracer until detach" in run.stderr) == (core == "ctrace"), \
+            run.stderr
         assert http_get(base + "/after") == "ran after detach"
         try:
             http_get(base + "/quit", timeout=10)
