@@ -62,10 +62,13 @@ def _narrows_code(tree: Dict[str, Any]) -> bool:
 
 def _main_ident() -> int:
     threading = sys.modules.get("threading")
-    if threading is not None:
+    # Under gevent or eventlet, threading's main thread has a greenlet's ident, not its OS
+    # thread's: the tracer, the delivering thread's check (on_thread) and threadid=None need
+    # the real one.
+    if threading is not None and not green.hub_library_loaded():
         return threading.main_thread().ident or 0
-    # Without the threading module there is no record of the main thread; the oldest thread
-    # state is it, and sys._current_frames() lists thread states newest first.
+    # Without a trustworthy threading module, the oldest thread state is the main thread, and
+    # sys._current_frames() lists thread states newest first.
     idents = list(sys._current_frames())
     return idents[-1] if idents else 0
 
