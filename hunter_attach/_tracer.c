@@ -34,7 +34,7 @@ static inline PyObject *Py_NewRef(PyObject *o) { Py_INCREF(o); return o; }
 
 /* ---- protocol constants (protocol.py) ---------------------------------------------------- */
 enum { K_CALL = 0, K_LINE = 1, K_RETURN = 2, K_EXCEPTION = 3 };
-enum { REC_EVENT = 1, REC_DROP = 4 };
+enum { REC_EVENT = 1, REC_DROP = 4, REC_THREAD_END = 5 };
 enum { FRAME_RECORDS = 4 };
 #define EVENT_SIZE 28
 #define FLAG_ARG 1
@@ -443,7 +443,7 @@ static void gl_switched(PyObject *origin, PyObject *target) {
         gtab_save(origin);  /* even unnamed: it has been seen (see walk_note_stack) */
     } else if (T.gen == generation && !T.skip) {
         /* its pseudo-thread ended: a THREAD_END record (protocol.py), so the CLI forgets it */
-        char rec[5] = {5};
+        char rec[5] = {REC_THREAD_END};
         put_u32(rec + 1, T.thread_id);
         PyObject *b = PyBytes_FromStringAndSize(rec, 5);
         if (b) { append_meta(b); Py_DECREF(b); } else { PyErr_Clear(); }

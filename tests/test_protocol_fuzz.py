@@ -637,7 +637,7 @@ def test_c_sources_use_the_protocol_constants() -> None:
     for name in ("REC_EVENT", "REC_CODE", "REC_THREAD", "REC_DROP", "REC_THREAD_END",
                  "FLAG_ARG", "FLAG_HIDDEN"):
         assert speedups[name] == getattr(protocol, name), name
-    for name in ("REC_EVENT", "REC_DROP", "FLAG_ARG", "FLAG_HIDDEN"):
+    for name in ("REC_EVENT", "REC_DROP", "REC_THREAD_END", "FLAG_ARG", "FLAG_HIDDEN"):
         assert tracer[name] == getattr(protocol, name), name
     assert tracer["K_HIDDEN_RETURNS"] == protocol.HIDDEN_RETURNS
     assert (tracer["K_CALL"], tracer["K_LINE"], tracer["K_RETURN"], tracer["K_EXCEPTION"]) == (
